@@ -1,0 +1,68 @@
+"""A small GPT used by the tests, the demo, the examples and the benchmark.
+
+It ships inside the package so that nothing needs a download: the reference shape of the benchmark
+(hidden 2048, 16 layers, 16 heads, vocab 32000) and the tiny shape of the CPU tests are the same class.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512
+    hidden: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    seq_len: int = 32
+    dropout: float = 0.0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.hidden
+        self.num_heads = cfg.num_heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer; `blocks` is the list of transformer layers that offloading acts on."""
+
+    def __init__(self, cfg: GPTConfig = GPTConfig()):
+        super().__init__()
+        self.config = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.ln, self.head = nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+
+    def forward(self, idx, targets=None):
+        x = self.emb(idx)
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def synthetic_batch(cfg: GPTConfig, batch_size: int, step: int = 0, device="cpu"):
+    """A deterministic batch of token ids with next-token targets, the same on every machine."""
+    g = torch.Generator().manual_seed(1234 + step)
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), generator=g)
+    return idx.to(device), torch.roll(idx, -1, 1).to(device)
+
+
+REFERENCE_GPT = GPTConfig(vocab_size=32000, hidden=2048, num_layers=16, num_heads=16, seq_len=2048)
+WIDE_GPT = GPTConfig(vocab_size=32000, hidden=4096, num_layers=8, num_heads=16, seq_len=4096)
