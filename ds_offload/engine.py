@@ -1,0 +1,143 @@
+"""`ds_offload.initialize`: `deepspeed.initialize` plus the `cpu_offloading` block.
+
+The order matters: the config and the model are checked first (no process group, thread or GPU memory yet),
+then DeepSpeed builds its engine from the config without our block, then the offload hooks go onto the
+layers DeepSpeed placed. With the block absent or off this is exactly `deepspeed.initialize`.
+"""
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import BLOCK, layer_offload_on, load_config, optimizer_offload_on, split_config
+from .errors import ConfigError
+from .layers import find_layers, unwrap
+
+logger = logging.getLogger("ds_offload")
+
+
+@dataclass
+class OffloadState:
+    """What ds_offload did to an engine, kept on it as `engine.ds_offload` for inspection and teardown."""
+    block: dict
+    layers: list = field(default_factory=list)
+    layers_path: str = None
+    activation_offload: object = None
+    optimizer: object = None
+
+    def summary(self):
+        parts = []
+        m, o = self.block["model"], self.block["optimizer"]
+        if self.activation_offload is not None:
+            parts.append(f"activations of the first {m['cpu_offloading_num_layers']} of {len(self.layers)} layers "
+                         f"({self.layers_path}) to pinned CPU memory")
+        elif layer_offload_on(self.block):
+            parts.append("layer offload requested but inactive (no CUDA device)")
+        if self.optimizer is not None:
+            backend = "torch AdamW" if o["use_torch_optimizer_for_cpu_offload"] else "DeepSpeed CPU Adam"
+            parts.append(f"{o['optimizer_offload_fraction']:.0%} of the optimizer on the CPU ({backend}"
+                         f"{', overlapped' if o['overlap_cpu_optimizer_d2h_h2d'] else ''})")
+        return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
+
+    def remove(self):
+        if self.activation_offload is not None:
+            self.activation_offload.remove()
+            self.activation_offload = None
+
+
+def _config_source(args, config):
+    if config is not None:
+        return config
+    for name in ("deepspeed_config", "deepscale_config"):
+        value = getattr(args, name, None) if args is not None else None
+        if value is not None:
+            return value
+    raise ConfigError([("$", "no DeepSpeed config given. Fix: pass config=<dict or path> or set "
+                             "args.deepspeed_config (ds_offload.add_config_arguments adds the flag).")])
+
+
+def _model_facts(model, layers):
+    from deepspeed.pipe import PipelineModule
+    stages = model.num_stages if isinstance(model, PipelineModule) else None
+    inner = unwrap(model)
+    cfg = getattr(inner, "config", None)
+    return dict(model_layers=len(layers) if layers else None,
+                pipeline_stages=stages,
+                gradient_checkpointing=bool(getattr(inner, "is_gradient_checkpointing", False)),
+                fine_grained=bool(getattr(inner, "fine_grained_activation_offloading", False)
+                                  or getattr(cfg, "fine_grained_activation_offloading", False)))
+
+
+def _args_without_config(args):
+    if args is None:
+        return None
+    args = copy.copy(args)
+    for name in ("deepspeed_config", "deepscale_config"):
+        if hasattr(args, name):
+            setattr(args, name, None)
+    return args
+
+
+def _rank0():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
+               config=None, layers=None, **deepspeed_kwargs):
+    """Drop-in for `deepspeed.initialize`; returns (engine, optimizer, dataloader, lr_scheduler)."""
+    if model is None:
+        raise ConfigError([("model", "ds_offload.initialize needs model=. Fix: pass the nn.Module to train.")])
+    source = _config_source(args, config)
+    found, where = find_layers(model, layers) if isinstance(model, torch.nn.Module) else ([], None)
+    full = load_config(source, **_model_facts(model, found))
+    ds_config, block = split_config(full)
+    state = OffloadState(block=block, layers=found, layers_path=where)
+
+    if layer_offload_on(block):
+        if block["model"]["cpu_offloading_weights"]:
+            raise ConfigError([(f"{BLOCK}.model.cpu_offloading_weights",
+                                "weight offloading is not implemented yet, and ds_offload does not ignore a flag "
+                                "silently. Fix: set cpu_offloading_weights to false.")])
+        if not found:
+            raise ConfigError([(f"{BLOCK}.model.cpu_offloading", f"no transformer layer list found on "
+                                f"{type(unwrap(model)).__name__}. Fix: pass layers=<module list or dotted path>.")])
+
+    if optimizer_offload_on(block):
+        from .optimizer import HybridDeviceOptimizer, prepare_hybrid_optimizer
+        if optimizer is not None and not isinstance(optimizer, HybridDeviceOptimizer):
+            raise ConfigError([(f"{BLOCK}.optimizer.optimizer_cpu_offload",
+                                f"a client optimizer ({type(optimizer).__name__}) was passed while the block asks "
+                                "ds_offload to build the hybrid optimizer. Fix: drop optimizer= and describe it in "
+                                "the config's optimizer section (Adam or AdamW).")])
+        if optimizer is None:
+            if "optimizer" not in ds_config:
+                raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
+                                                 "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
+            params = model_parameters if model_parameters is not None else model.parameters()
+            optimizer, ds_config = prepare_hybrid_optimizer(ds_config, block["optimizer"], params)
+            model_parameters = None
+        state.optimizer = optimizer
+
+    import deepspeed
+    engine, opt, loader, sched = deepspeed.initialize(
+        args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
+
+    if layer_offload_on(block):
+        m = block["model"]
+        if torch.cuda.is_available():
+            from .activations import install_layer_offload
+            state.activation_offload = install_layer_offload(
+                found, m["cpu_offloading_num_layers"], min_offload_bytes=m["cpu_offloading_min_offload_bytes"],
+                prefetch_depth=m["cpu_offloading_prefetch_depth"],
+                double_buffering=m["cpu_offloading_double_buffering"],
+                retain_pinned_buffers=m["cpu_offloading_retain_pinned_cpu_buffers"])
+        else:
+            warnings.warn("ds_offload: no CUDA device, so layer-level offloading is off for this run "
+                          "(the optimizer split still runs, both parts on the CPU).", stacklevel=2)
+    engine.ds_offload = state
+    if _rank0():
+        logger.warning(state.summary())
+    return engine, opt, loader, sched

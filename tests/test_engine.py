@@ -1,0 +1,124 @@
+"""ds_offload.initialize against plain deepspeed.initialize, on DeepSpeed's CPU accelerator."""
+import argparse
+import json
+import warnings
+
+import pytest
+import torch
+
+import ds_offload
+from ds_offload import ConfigError
+from ds_offload.models import GPT, GPTConfig, synthetic_batch
+
+CFG = GPTConfig(vocab_size=256, hidden=32, num_layers=3, num_heads=4, seq_len=16)
+
+
+def ds_config(stage, **extra):
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}, **extra}
+
+
+def train(init, config, steps=5):
+    import deepspeed
+    torch.manual_seed(0)
+    engine, *_ = init(model=GPT(CFG), config=config)
+    losses = []
+    for step in range(steps):
+        x, y = synthetic_batch(CFG, 2, step)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses, engine
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_block_off_equals_plain_deepspeed(dist, stage):
+    import deepspeed
+    plain, _ = train(deepspeed.initialize, ds_config(stage))
+    off = ds_config(stage, cpu_offloading={"model": {"cpu_offloading": False},
+                                           "optimizer": {"optimizer_cpu_offload": False}})
+    ours, engine = train(ds_offload.initialize, off)
+    absent, _ = train(ds_offload.initialize, ds_config(stage))
+    assert ours == plain and absent == plain
+    assert engine.ds_offload.activation_offload is None and engine.ds_offload.optimizer is None
+
+
+def test_args_deepspeed_config_is_read(dist, tmp_path):
+    import deepspeed
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config(0, cpu_offloading={})))
+    args = argparse.Namespace(deepspeed_config=str(path), local_rank=0)
+    torch.manual_seed(0)
+    engine, *_ = ds_offload.initialize(args=args, model=GPT(CFG))
+    assert args.deepspeed_config == str(path)  # the caller's namespace is not modified
+    assert engine.train_micro_batch_size_per_gpu() == 2
+
+
+def test_bad_config_fails_before_deepspeed(monkeypatch):
+    import deepspeed
+
+    def boom(*a, **k):
+        raise AssertionError("deepspeed.initialize must not run for a bad config")
+
+    monkeypatch.setattr(deepspeed, "initialize", boom)
+    cfg = ds_config(0, cpu_offloading={"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 3}})
+    with pytest.raises(ConfigError, match="CPU offloading can be done only for layers less than 3"):
+        ds_offload.initialize(model=GPT(CFG), config=cfg)
+
+
+def test_weights_refused_not_ignored(monkeypatch):
+    import deepspeed
+    monkeypatch.setattr(deepspeed, "initialize", lambda *a, **k: pytest.fail("must refuse first"))
+    cfg = ds_config(0, cpu_offloading={"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 1,
+                                                 "cpu_offloading_weights": True}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError) as info:
+            ds_offload.initialize(model=GPT(CFG), config=cfg)
+    assert info.value.errors[0][0] == "cpu_offloading.model.cpu_offloading_weights"
+
+
+def test_pipeline_module_refused():
+    from deepspeed.pipe import PipelineModule
+
+    class FakePipe(PipelineModule):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.num_stages = 2
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+
+    cfg = ds_config(0, cpu_offloading={"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 1}})
+    with pytest.raises(ConfigError, match="no support for Pipeline parallelism"):
+        ds_offload.initialize(model=FakePipe(), config=cfg)
+
+
+def test_model_flags_checked():
+    model = GPT(CFG)
+    model.fine_grained_activation_offloading = True
+    cfg = ds_config(0, cpu_offloading={"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 1}})
+    with pytest.raises(ConfigError, match="fine_grained_activation_offloading cannot be enabled"):
+        ds_offload.initialize(model=model, config=cfg)
+    model = GPT(CFG)
+    model.is_gradient_checkpointing = True
+    with pytest.raises(ConfigError, match="activation recomputation is enabled"):
+        ds_offload.initialize(model=model, config=cfg)
+
+
+def test_client_optimizer_with_optimizer_offload_refused():
+    model = GPT(CFG)
+    cfg = ds_config(0, cpu_offloading={"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}})
+    with pytest.raises(ConfigError, match="drop optimizer="):
+        ds_offload.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_layer_offload_without_cuda_warns_and_changes_nothing(dist):
+    import deepspeed
+    plain, _ = train(deepspeed.initialize, ds_config(1))
+    cfg = ds_config(1, cpu_offloading={"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 2}})
+    with pytest.warns(UserWarning, match="no CUDA device"):
+        ours, engine = train(ds_offload.initialize, cfg)
+    assert ours == plain
+    assert engine.ds_offload.activation_offload is None
+    assert "inactive" in engine.ds_offload.summary()
