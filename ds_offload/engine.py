@@ -65,9 +65,19 @@ def _model_facts(model, layers):
     cfg = getattr(inner, "config", None)
     return dict(model_layers=len(layers) if layers else None,
                 pipeline_stages=stages,
-                gradient_checkpointing=bool(getattr(inner, "is_gradient_checkpointing", False)),
+                gradient_checkpointing=_gradient_checkpointing(inner),
                 fine_grained=bool(getattr(inner, "fine_grained_activation_offloading", False)
                                   or getattr(cfg, "fine_grained_activation_offloading", False)))
+
+
+def _gradient_checkpointing(model):
+    """transformers 5 renamed the flag; reading the old name there only warns, so try the new one first."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return bool(getattr(model, name, False))
+    return False
 
 
 def _args_without_config(args):

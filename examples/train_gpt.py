@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Train ds_offload's embedded GPT on synthetic data with a DeepSpeed config and its cpu_offloading block.
+
+    ds-offload launch --num_gpus 2 examples/train_gpt.py --deepspeed_config configs/combined.json
+    ds-offload launch --num_gpus 2 examples/train_gpt.py --deepspeed_config configs/combined.json \
+        zero_optimization.stage=2 optimizer.optimizer_offload_fraction=0.5
+    python examples/train_gpt.py --deepspeed_config configs/combined.json        # one process, no launcher
+
+Every rank takes its slice of one global batch, so a run on N GPUs sees the same data as a run on one GPU
+with an N times larger micro-batch: the losses agree (the --losses-out JSON makes that easy to check).
+The only ds_offload-specific lines are `add_config_arguments` and `ds_offload.initialize`.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import ds_offload
+from ds_offload.arguments import add_config_arguments
+from ds_offload.models import GPT, GPTConfig
+
+MODELS = {
+    "tiny": GPTConfig(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32),
+    "small": GPTConfig(vocab_size=32000, hidden=1024, num_layers=8, num_heads=16, seq_len=1024),
+    "reference": GPTConfig(vocab_size=32000, hidden=2048, num_layers=16, num_heads=16, seq_len=2048),
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="GPT shape (default: tiny without a GPU, small with one)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--seq-len", type=int, default=None, help="override the sequence length")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--losses-out", default=None, help="write the per-step losses and a summary as JSON (rank 0)")
+    add_config_arguments(p)  # --deepspeed, --deepspeed_config, --local_rank
+    return p.parse_args()
+
+
+def batch(cfg, global_rows, step, rank, rows, device):
+    """Rows [rank*rows, (rank+1)*rows) of the global batch of `step` (deterministic, same on every machine)."""
+    g = torch.Generator().manual_seed(1234 + step)
+    idx = torch.randint(0, cfg.vocab_size, (global_rows, cfg.seq_len), generator=g)
+    tgt = torch.roll(idx, -1, 1)
+    sl = slice(rank * rows, (rank + 1) * rows)
+    return idx[sl].to(device), tgt[sl].to(device)
+
+
+def main():
+    args = parse_args()
+    if "RANK" not in os.environ:  # run as a plain script: one process
+        from ds_offload.demo import ensure_single_process_env
+        ensure_single_process_env()
+    import deepspeed
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend=None if cuda else "gloo", verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    cfg = MODELS[args.model or ("small" if cuda else "tiny")]
+    cfg = GPTConfig(**{**cfg.__dict__, **({"num_layers": args.layers} if args.layers else {}),
+                       **({"seq_len": args.seq_len} if args.seq_len else {})})
+    torch.manual_seed(args.seed)
+    model = GPT(cfg)
+    engine, _, _, _ = ds_offload.initialize(args=args, model=model, model_parameters=model.parameters())
+    mb, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    if rank == 0:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"train_gpt: {n / 1e6:.1f} M params, {cfg.num_layers} layers, seq {cfg.seq_len}; {world} rank(s), "
+              f"micro-batch {mb} x {gas} accumulation x {world} = {mb * gas * world} sequences per step", flush=True)
+
+    losses, times = [], []
+    for step in range(args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=engine.device)
+        for micro in range(gas):
+            idx, tgt = batch(cfg, mb * world, step * gas + micro, rank, mb, engine.device)
+            loss = engine(idx, tgt)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float() / gas
+        torch.distributed.all_reduce(total)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(total.item() / world)
+        if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
+            mem = f", peak GPU {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if cuda else ""
+            print(f"step {step + 1:>4}/{args.steps}  loss {losses[-1]:.5f}  {times[-1] * 1e3:8.1f} ms{mem}", flush=True)
+
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    peaks = [None] * world
+    torch.distributed.all_gather_object(peaks, peak)
+    if rank == 0:
+        steady = times[1:] or times
+        summary = {"final_loss": losses[-1], "losses": losses, "mean_step_s": sum(steady) / len(steady),
+                   "peak_gpu_bytes_per_rank": peaks, "world_size": world,
+                   "offload": engine.ds_offload.summary() if hasattr(engine, "ds_offload") else ""}
+        print("summary: final loss {:.5f}, {:.1f} ms/step (after the first), peak GPU per rank: {}".format(
+            summary["final_loss"], summary["mean_step_s"] * 1e3,
+            ", ".join("n/a: no GPU" if p is None else f"{p / 2**20:,.0f} MiB" for p in peaks)))
+        print(summary["offload"])
+        if args.losses_out:
+            with open(args.losses_out, "w") as fh:
+                json.dump(summary, fh, indent=2)
+            print(f"losses written to {args.losses_out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""The `ds-offload` command line: validate, launch, estimate, doctor, build-ops, demo.
+
+`launcher.cli:main` is the console script. Heavy imports (torch, deepspeed) happen inside the commands,
+so `ds-offload --help` and `ds-offload validate` start in well under a second.
+"""
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}

@@ -1,0 +1,179 @@
+"""ds_offload.estimate against numbers worked out by hand for small models."""
+import json
+
+import pytest
+import torch
+
+from ds_offload import estimate as E
+from ds_offload.models import GPT, GPTConfig, REFERENCE_GPT
+
+MiB = 2 ** 20
+TINY = GPTConfig(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32)
+
+
+def tiny():
+    return E.spec_from_gpt(TINY, "tiny")
+
+
+def test_parameter_count_by_hand_and_against_the_model():
+    # 2*V*d (embedding + head) + L*(12 d^2 + 13 d) + 2 d (final LayerNorm)
+    by_hand = 2 * 512 * 64 + 4 * (12 * 64 * 64 + 13 * 64) + 2 * 64
+    assert by_hand == 265600
+    assert tiny().params == by_hand == sum(p.numel() for p in GPT(TINY).parameters())
+    with torch.device("meta"):
+        ref = GPT(REFERENCE_GPT)
+    spec = E.parse_model("reference-gpt")
+    assert spec.params == sum(p.numel() for p in ref.parameters())
+    assert spec.layer_params == sum(p.numel() for p in ref.blocks[0].parameters())
+
+
+def test_layer_activations_by_hand():
+    b, t, d, h = 2, 32, 64, 4
+    btd = b * t * d
+    # autocast: fp32 ln inputs (2 x 4), bf16: qkv input 1, q/k/v 3, attention out 1, proj input 1, fc1 input 1,
+    # fc1 out 4, gelu out 4 (x 2 bytes) = 38 bytes per btd; + fp32 log-sum-exp + bf16 weight copies (12 d^2 x 2)
+    parts = E.layer_activation_bytes(tiny(), b, t, "autocast")
+    assert sum(parts.values()) == 38 * btd + 4 * b * h * t + 24 * d * d == 254976
+    assert parts["weight_copies"] == 24 * d * d
+    # pure bf16 (DeepSpeed casts the model): 2-byte residual stream, no weight copies: 34 bytes per btd
+    assert sum(E.layer_activation_bytes(tiny(), b, t, "bf16").values()) == 34 * btd + 4 * b * h * t
+    # fp32: every saved tensor 4 bytes: 68 bytes per btd
+    assert sum(E.layer_activation_bytes(tiny(), b, t, "fp32").values()) == 68 * btd + 4 * b * h * t
+
+
+def test_reference_gpt_layer_within_10_percent_of_the_h200_measurement():
+    measured = 1313 * MiB  # reference GPT, micro-batch 8, seq 2048, bf16 autocast, H200
+    got = sum(E.layer_activation_bytes(E.parse_model("reference-gpt"), 8, 2048, "autocast").values())
+    assert abs(got - measured) / measured < 0.10
+    assert round(got / MiB) == 1313
+
+
+def test_static_memory_by_precision_and_zero_stage():
+    s = tiny()
+    n = s.params
+    fp32 = E.estimate(s, {}, micro_batch=1).baseline_gpu
+    assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
+    bf16 = {"bf16": {"enabled": True}}
+    z1 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 1}}, micro_batch=1, gpus=2).baseline_gpu
+    assert (z1.params, z1.grads, z1.optimizer) == (2 * n, 2 * n, 16 * n / 2)
+    z2 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 2}}, micro_batch=1, gpus=4).baseline_gpu
+    assert (z2.params, z2.grads, z2.optimizer) == (2 * n, 2 * n / 4, 16 * n / 4)
+    z3 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 3}}, micro_batch=1, gpus=4).baseline_gpu
+    assert z3.params == 2 * n / 4
+    assert E.estimate(s, {"torch_autocast": {"enabled": True}}).precision == "autocast"
+
+
+def test_activations_total_by_hand():
+    s = tiny()
+    b, t, d, v = 2, 32, 64, 512
+    est = E.estimate(s, {}, micro_batch=b, seq_len=t, precision="fp32")
+    layer = 68 * b * t * d + 4 * b * 4 * t
+    head = 4 * b * t * d + 4 * b * t * d + (4 + 4 + 4) * b * t * v  # final ln in, head in, logits, log-softmax, grad
+    assert est.baseline_gpu.activations == 4 * layer + head
+
+
+def test_optimizer_offload_fraction():
+    s = tiny()
+    n = s.params
+    cfg = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+           "cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.25}}}
+    est = E.estimate(s, cfg, micro_batch=1, gpus=2)
+    assert est.offload_gpu.optimizer == pytest.approx(0.75 * 16 * n / 2)
+    assert est.offload_cpu.optimizer == pytest.approx(0.25 * 16 * n / 2)
+    assert est.offload_gpu.params == est.baseline_gpu.params and est.offload_gpu.grads == est.baseline_gpu.grads
+
+
+def test_activation_offload_layers():
+    s = tiny()
+    cfg = {"cpu_offloading": {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 3}}}
+    est = E.estimate(s, cfg, micro_batch=2, seq_len=32, precision="autocast")
+    offloadable = 38 * 2 * 32 * 64 + 4 * 2 * 4 * 32
+    assert est.layer_activation_offloadable == offloadable
+    assert est.baseline_gpu.activations - est.offload_gpu.activations == 3 * offloadable
+    assert est.offload_cpu.activations == 3 * offloadable
+    # activations off -> nothing moves
+    off = {"cpu_offloading": {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 3,
+                                        "cpu_offloading_activations": False, "cpu_offloading_weights": True}}}
+    est2 = E.estimate(s, off, micro_batch=2, seq_len=32)
+    assert est2.offload_gpu.activations == est2.baseline_gpu.activations
+
+
+def test_what_fits_finds_the_least_offload():
+    s = E.parse_model("reference-gpt")
+    cfg = {"torch_autocast": {"enabled": True}}
+    base = E.estimate(s, cfg, micro_batch=8, seq_len=2048).baseline_gpu.total
+    fits = E.what_fits(s, cfg, base + E.GiB, 8, seq_len=2048, reserve=E.GiB)
+    assert fits["baseline_fits"] and fits["optimizer_fraction"] == 0.0
+    budget = base - 2 * E.GiB
+    fits = E.what_fits(s, cfg, budget, 8, seq_len=2048, reserve=0)
+    assert not fits["baseline_fits"]
+    f, k = fits["optimizer_fraction"], fits["activation_layers"]
+    assert 0 < f <= 1 and 0 < k < s.layers
+
+    def total(**changes):
+        return E.estimate(s, E.with_block(cfg, **changes), micro_batch=8, seq_len=2048).offload_gpu.total
+    assert total(optimizer__optimizer_cpu_offload=True, optimizer__optimizer_offload_fraction=f) <= budget
+    assert total(optimizer__optimizer_cpu_offload=True, optimizer__optimizer_offload_fraction=f - 0.01) > budget
+    assert total(model__cpu_offloading=True, model__cpu_offloading_num_layers=k) <= budget
+    assert total(model__cpu_offloading=True, model__cpu_offloading_num_layers=k - 1) > budget
+
+
+def test_advice_rows():
+    s = E.parse_model("reference-gpt")
+    est = E.estimate(s, {}, micro_batch=8, seq_len=2048)
+    keys = lambda rows: {r[0] for r in rows}  # noqa: E731
+    assert "pipeline" in keys(E.advice(est, {}, pipeline_stages=4))
+    assert "cuda_graphs" in keys(E.advice(est, {"hybrid_engine": {"enable_cuda_graph": True}}))
+    fits = {"baseline_fits": True, "optimizer_fraction": 0.0, "activation_layers": 0}
+    assert keys(E.advice(est, {}, fits=fits)) == {"throughput"}
+    fits = {"baseline_fits": False, "optimizer_fraction": 0.3, "activation_layers": 4}
+    assert {"moderate", "activations"} <= keys(E.advice(est, {}, fits=fits))
+
+
+def test_step_time_cost_by_hand():
+    s = E.ModelSpec(name="m", layers=2, hidden=64, heads=4, vocab=100, params=1_000_000_000)
+    cfg = {"cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5,
+                                            "overlap_cpu_optimizer_d2h_h2d": False}}}
+    est = E.estimate(s, cfg, micro_batch=1, seq_len=8, precision="fp32")
+    measured = {"pinned_d2h_gbps": 20.0, "pinned_h2d_gbps": 40.0, "deepspeed_cpu_adam_params_per_s": 1e9,
+                "torch_adam_params_per_s": 2e9}
+    c = E.step_time_cost(est, measured)["optimizer"]
+    assert c["cpu_adam_s"] == pytest.approx(0.5)                              # 0.5e9 elements at 1e9/s
+    assert c["transfer_s"] == pytest.approx(0.5e9 * 4 / 20e9 + 0.5e9 * 4 / 40e9)  # 0.1 + 0.05
+    assert c["added_s"] == pytest.approx(0.65)
+    cfg["cpu_offloading"]["optimizer"]["overlap_cpu_optimizer_d2h_h2d"] = True
+    assert E.step_time_cost(E.estimate(s, cfg, micro_batch=1, seq_len=8, precision="fp32"),
+                            measured)["optimizer"]["added_s"] == pytest.approx(0.5)
+
+
+def test_model_forms(tmp_path):
+    s = E.parse_model("params=1.3B,layers=24,hidden=2048")
+    assert s.params == 1_300_000_000 and s.layers == 24 and s.hidden == 2048 and s.heads == 16
+    with pytest.raises(ValueError):
+        E.parse_model("layers=24")
+    with pytest.raises(ValueError):
+        E.parse_model("params=1B,layers=2,hidden=8,colour=red")
+    cfg = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "hidden_act": "silu",
+           "max_position_embeddings": 256, "tie_word_embeddings": False}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    spec = E.parse_model(str(p))
+    assert spec.gated_mlp and spec.kv_dim == 64 and spec.seq_len == 256
+    cfg_long = {**cfg, "max_position_embeddings": 131072}
+    (tmp_path / "long.json").write_text(json.dumps(cfg_long))
+    assert E.parse_model(str(tmp_path / "long.json")).seq_len == 4096
+    # llama by hand: embed + head 2*V*d, per layer q,o d^2 each, k,v d*kv each, MLP 3*d*ffn, 2 RMSNorm d; final norm d
+    d, kv, ffn = 128, 64, 344
+    by_hand = 2 * 1000 * d + 3 * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + d
+    pytest.importorskip("transformers")
+    assert spec.params == by_hand
+
+
+def test_parse_size():
+    assert E.parse_size("80GiB") == 80 * 2 ** 30
+    assert E.parse_size("80GB") == 80 * 10 ** 9
+    assert E.parse_size("24") == 24 * 2 ** 30
+    assert E.parse_size("512MiB") == 512 * 2 ** 20
+    with pytest.raises(ValueError):
+        E.parse_size("lots")
