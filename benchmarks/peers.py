@@ -1,0 +1,98 @@
+"""Peer implementations measured beside ours, on the same model, batch, seed and hyper-parameters."""
+import time
+
+import torch
+
+import harness as H
+
+
+def save_on_cpu(shape, warm, steps, n):
+    """torch.autograd.graph.save_on_cpu(pin_memory=True) around the forward of the first n layers."""
+    m = H.build_model(shape)
+    pin = torch.cuda.is_available()
+    for blk in list(m.blocks)[:n]:
+        orig = blk.forward
+
+        def fwd(*a, _orig=orig, **k):
+            with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+                return _orig(*a, **k)
+        blk.forward = fwd
+    opt = torch.optim.AdamW(m.parameters(), lr=H.LR, weight_decay=H.WD, betas=H.BETAS, eps=H.EPS,
+                            fused=torch.cuda.is_available())
+    idx, tgt = H.batch(shape)
+    return H.measure(H.torch_train_step(m, opt, idx, tgt), shape, warm, steps, extra=dict(n=n))
+
+
+MEGATRON_HDO = "megatron/core/optimizer/cpu_offloading/hybrid_optimizer.py"
+
+
+def megatron_hdo(shape, warm, steps, f, overlap=True, fix_stream=False):
+    """megatron-core 0.19.2's HybridDeviceOptimizer, loaded by path from the installed wheel (the module
+    imports only torch), in its precision-aware mode: bf16 parameters, fp32 master (param_update_in_fp32)."""
+    path = H.find_in_site(MEGATRON_HDO)
+    if path is None:
+        raise FileNotFoundError(f"{MEGATRON_HDO} not found on sys.path (install megatron-core 0.19.2)")
+    mod = H.load_module_by_path("mc_hybrid_optimizer", path)
+    m = H.build_model(shape, torch.bfloat16)
+    opt = mod.HybridDeviceOptimizer(list(m.parameters()), offload_fraction=f, cpu_optimizer_cls=torch.optim.AdamW,
+                                    gpu_optimizer_cls=torch.optim.AdamW, param_update_in_fp32=True,
+                                    overlap_cpu_optimizer_d2h_h2d=overlap, lr=H.LR, weight_decay=H.WD,
+                                    betas=H.BETAS, eps=H.EPS, fused=True)
+    if fix_stream and opt.gpu_optimizer is not None:
+        # Its step() converts the GPU part's bf16 grads to the fp32 masters' .grad on the side stream
+        # _d2h_stream, then steps the GPU optimizer on the current stream without waiting for that stream.
+        # The fix under test: make the current stream wait for the side stream first.
+        gpu_step = opt.gpu_optimizer.step
+
+        def step_after_d2h(*a, **k):
+            torch.cuda.current_stream().wait_stream(opt._d2h_stream)
+            return gpu_step(*a, **k)
+        opt.gpu_optimizer.step = step_after_d2h
+    idx, tgt = H.batch(shape)
+    return H.measure(H.torch_train_step(m, opt, idx, tgt, use_autocast=False), shape, warm, steps,
+                     extra=dict(fraction=f, overlap=overlap, fix_stream=fix_stream, source=path))
+
+
+def torchao_offload(shape, warm, steps):
+    try:
+        from torchao.optim import CPUOffloadOptimizer
+    except ImportError:
+        from torchao.prototype.low_bit_optim import CPUOffloadOptimizer
+    import torchao
+    m = H.build_model(shape)
+    opt = CPUOffloadOptimizer(m.parameters(), torch.optim.AdamW, offload_gradients=True, lr=H.LR,
+                              weight_decay=H.WD, betas=H.BETAS, eps=H.EPS)
+    idx, tgt = H.batch(shape)
+    return H.measure(H.torch_train_step(m, opt, idx, tgt), shape, warm, steps,
+                     extra=dict(torchao=torchao.__version__))
+
+
+def deepspeed_zero(shape, warm, steps, stage, ratio=None, sub_group_size=None):
+    import deepspeed
+    H.init_dist_env()
+    deepspeed.init_distributed(verbose=False)
+    m = H.build_model(shape)
+    off = {"device": "cpu", "pin_memory": True}
+    if ratio is not None:
+        off["ratio"] = ratio
+    zero = {"stage": stage, "offload_optimizer": off}
+    if sub_group_size:
+        zero["sub_group_size"] = int(sub_group_size)
+    cfg = {"train_micro_batch_size_per_gpu": H.shapes()[shape]["mb"], "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "AdamW", "params": {"lr": H.LR, "weight_decay": H.WD, "betas": list(H.BETAS),
+                                                     "eps": H.EPS}},
+           "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9,
+           "wall_clock_breakdown": False}
+    t0 = time.perf_counter()
+    eng, _, _, _ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg)
+    init_s = time.perf_counter() - t0
+    idx, tgt = H.batch(shape)
+
+    def step():
+        loss = eng(idx, tgt)
+        eng.backward(loss)
+        eng.step()
+        return loss.detach()
+
+    return H.measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), zero=zero,
+                                                          deepspeed=deepspeed.__version__))

@@ -1,0 +1,376 @@
+"""GPU benchmark of ds_offload against its peers, every case in its own process, results as JSON, and
+BENCHMARKS.md + a plot generated from them.
+
+    python benchmarks/run.py --out DIR            # full run (both shapes, budget 525 s on one H100/H200)
+    python benchmarks/run.py --quick --out DIR    # subset on the reference shape, ~2 min
+    python benchmarks/run.py --tiny --out DIR     # CPU smoke test on a tiny GPT (CUDA-only peers skipped)
+    python benchmarks/run.py --list [--quick]     # what would run, with time estimates and tiers
+    python benchmarks/run.py --report-only [--merge A/results.json B/results.json] [--out DIR]
+                                                  # regenerate BENCHMARKS.md and the plot (merging runs)
+
+Cases run in priority tiers (1: the targets' cases, baselines, limits and the main peers; 2: variants, ZeRO-3,
+the engine path; 3: extra diagnostics); a case whose estimate no longer fits the run's --budget is recorded as
+skipped, so the full run ends on time. `--tiers 2,3` runs the rest in a second call; merge the two results.json.
+Each case has its own timeout; a failing case records its error and the run goes on. DeepSpeed's CPU Adam op is
+built once, in the background, into TORCH_EXTENSIONS_DIR (default /tmp/ds_offload_bench_torch_ext).
+
+Files written under DIR (8 at most, flat): results.json (environment + every case), results.jsonl (one line
+per case as it finishes), BENCHMARKS.md, plot.png, build.log. With the default DIR (benchmarks/results) the
+report is also written to the repository's BENCHMARKS.md. Without a usable .git, set BENCH_GIT_COMMIT (and
+BENCH_GIT_DIRTY=1 for a tree with changes) so the report names the commit.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for p in (HERE, REPO):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+DEFAULT_OUT = os.path.join(HERE, "results")
+BUDGETS = {"full": 525, "quick": 130, "tiny": 400}
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def worker(spec):
+    import importlib
+    import traceback
+    spec = json.loads(spec)
+    t0 = time.perf_counter()
+    timing = {"start_s": round(time.time() - float(os.environ.get("BENCH_T0", time.time())), 2)}
+    try:
+        import torch
+        timing["import_torch_s"] = round(time.perf_counter() - t0, 2)
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")
+            timing["cuda_init_s"] = round(time.perf_counter() - t0 - timing["import_torch_s"], 2)
+    except Exception:
+        pass
+    try:
+        mod, fn = spec["fn"].split(":")
+        f = getattr(importlib.import_module(mod), fn)
+        res = f(spec["shape"], spec["warm"], spec["steps"], **spec.get("params", {}))
+        out = {"status": "ok", "result": res}
+    except Exception as e:
+        out = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:600]}",
+               "traceback": traceback.format_exc()[-2500:]}
+    out["worker_s"] = round(time.perf_counter() - t0, 2)
+    out["timing"] = timing
+    try:
+        import torch
+        if torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name()
+    except Exception:
+        pass
+    print("RESULT " + json.dumps(out), flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)   # skip slow teardown (NCCL, helper threads of the optimizers)
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        return ""
+
+
+def environment():
+    from importlib import metadata
+
+    def ver(name):
+        try:
+            return metadata.version(name)
+        except Exception:
+            return None
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    commit = sh(f"git -C {REPO} rev-parse HEAD")
+    dirty = sh(f"git -C {REPO} status --porcelain --untracked-files=no")
+    if len(commit) != 40:   # no usable .git (e.g. a copied working tree): take it from the caller
+        commit, dirty = os.environ.get("BENCH_GIT_COMMIT", "unknown"), os.environ.get("BENCH_GIT_DIRTY", "")
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f.readline().split(":")[1].strip()
+    except OSError:
+        pass
+    import torch
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit, "dirty": bool(dirty), "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": ver("deepspeed"),
+        "megatron_core": ver("megatron-core") or ver("megatron_core"), "torchao": ver("torchao"),
+        "gpu": sh("nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader") or None,
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "host_memory": mem, "host": platform.node(),
+    }
+
+
+class DSBuild:
+    """DeepSpeed's CPU Adam op is JIT-built (~40 s on 16 cores): build it once, in the background, into one
+    TORCH_EXTENSIONS_DIR that every case process shares."""
+
+    def __init__(self, ext_dir, log_path):
+        self.ext_dir, self.log_path = ext_dir, log_path
+        self.proc, self.t0, self.result = None, None, None
+
+    def start(self):
+        os.makedirs(self.ext_dir, exist_ok=True)
+        self.t0 = time.perf_counter()
+        code = ("import time; t=time.perf_counter(); from deepspeed.ops.op_builder import CPUAdamBuilder; "
+                "CPUAdamBuilder().load(); print('CPU Adam op ready in %.1f s' % (time.perf_counter()-t))")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=os.environ.copy(), start_new_session=True)
+
+    def done(self):
+        if self.result is None and self.proc is not None and self.proc.poll() is not None:
+            self.log.close()
+            self.result = dict(ok=self.proc.returncode == 0, seconds=round(time.perf_counter() - self.t0, 1),
+                               tail=_tail(open(self.log_path).read(), 1500))
+        return self.result is not None
+
+    def wait(self, timeout):
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.done()
+
+
+def _tail(s, n):
+    return s[-n:] if s else ""
+
+
+def run_case(case, args, port, timeout):
+    spec = dict(fn=case.fn, shape=case.shape, warm=args.warm, steps=args.steps, params=case.params)
+    env = os.environ.copy()
+    env["BENCH_PORT"] = str(port)
+    env["MASTER_PORT"] = str(port)
+    env["BENCH_T0"] = repr(time.time())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    t0 = time.perf_counter()
+    # Output goes to files, not pipes: a helper process the case leaves behind (an optimizer's CPU worker)
+    # could keep a pipe open after the case's own process is gone. The case's whole process group is
+    # killed once its process exits or runs out of time.
+    import tempfile
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                             stdout=fo, stderr=fe, text=True, env=env, cwd=REPO, start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+            status = None
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read(), fe.read()
+    wall = round(time.perf_counter() - t0, 1)
+    rec = dict(case=case.name, shape=case.shape, group=case.group, mode=case.mode, label=case.label,
+               params=case.params, loss_ref=case.loss_ref, wall_s=wall)
+    line = next((l for l in reversed(out.splitlines()) if l.startswith("RESULT ")), None)
+    if status == "timeout":
+        rec.update(status="timeout", error=f"no result within {timeout} s (per-case timeout)")
+    elif line is None:
+        rec.update(status="error", error=f"worker exited with code {p.returncode} and no result")
+    else:
+        rec.update(json.loads(line[len("RESULT "):]))
+    if rec["status"] != "ok":
+        rec["log_tail"] = _tail(err, 2500) + ("\n[stdout] " + _tail(out, 800) if out else "")
+    return rec
+
+
+def merge_results(paths):
+    """One results dict from several runs (e.g. one per shape or tier, from separate device calls)."""
+    data = {"env": {}, "results": []}
+    index = {}
+    for p in paths:
+        d = json.load(open(p))
+        env = dict(d.get("env", {}))
+        if not data["env"]:
+            data["env"] = env
+        else:
+            data["env"]["total_s"] = round((data["env"].get("total_s") or 0) + (env.get("total_s") or 0), 1)
+            data["env"]["shapes"] = list(dict.fromkeys(data["env"].get("shapes", []) + env.get("shapes", [])))
+            data["env"].setdefault("merged_from", []).append({k: env.get(k) for k in ("date", "gpu", "commit", "argv")})
+        if len(str(data["env"].get("commit", ""))) != 40 and len(str(env.get("commit", ""))) == 40:
+            data["env"]["commit"], data["env"]["dirty"] = env["commit"], env.get("dirty")
+        for r in d.get("results", []):
+            key = (r["shape"], r["case"])
+            if key in index and r.get("status") in ("skipped",) and data["results"][index[key]].get("status") != "skipped":
+                continue        # a skip in a later run does not hide a result of an earlier one
+            if key in index:
+                data["results"][index[key]] = r
+            else:
+                index[key] = len(data["results"])
+                data["results"].append(r)
+    data["env"]["argv"] = "merged: " + " + ".join(os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths)
+    return data
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="a subset of the cases (~2 min)")
+    ap.add_argument("--tiny", action="store_true", help="tiny GPT shape; runs on CPU (smoke test)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="results folder (e.g. $OUT)")
+    ap.add_argument("--md", default=None, help="where BENCHMARKS.md goes (default: OUT/BENCHMARKS.md, and the "
+                    "repository's BENCHMARKS.md when OUT is the default folder)")
+    ap.add_argument("--shapes", default=None, help="comma list of shapes (reference,wide,tiny)")
+    ap.add_argument("--only", default=None, help="comma list of globs over case name, shape/name, group or mode")
+    ap.add_argument("--skip", default=None, help="comma list of globs to leave out")
+    ap.add_argument("--tiers", default=None, help="comma list of priority tiers to run (1: what the targets and "
+                    "the main peers need; 2: variants, ZeRO-3, the engine path; 3: extra diagnostics)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="with --report-only: merge several runs' results.json (later runs win per case)")
+    ap.add_argument("--budget", type=float, default=None, help="total seconds for the cases; later cases whose "
+                    "estimate no longer fits are recorded as skipped")
+    ap.add_argument("--warm", type=int, default=None, help="warm-up steps per case (default 2)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5, at least 5)")
+    ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every per-case timeout")
+    ap.add_argument("--report-only", action="store_true", help="regenerate the report from OUT/results.json")
+    ap.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+
+    import cases as C
+    import report as R
+    out = os.path.abspath(args.out)
+    md_paths = [args.md] if args.md else [os.path.join(out, "BENCHMARKS.md")]
+    if not args.md and out == os.path.abspath(DEFAULT_OUT):
+        md_paths.append(os.path.join(REPO, "BENCHMARKS.md"))
+    if args.report_only:
+        os.makedirs(out, exist_ok=True)
+        data = merge_results(args.merge) if args.merge else json.load(open(os.path.join(out, "results.json")))
+        if args.merge:
+            with open(os.path.join(out, "results.json"), "w") as f:
+                json.dump(data, f, indent=1)
+        for p in md_paths:
+            R.write_report(data, p, os.path.join(out, "plot.png"))
+        print("wrote", ", ".join(md_paths))
+        return 0
+
+    import torch
+    cuda = torch.cuda.is_available()
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    shapes = args.shapes.split(",") if args.shapes else (["tiny"] if args.tiny else
+                                                           ["reference"] if args.quick else ["reference", "wide"])
+    args.warm = 2 if args.warm is None else args.warm
+    args.steps = 5 if args.steps is None else args.steps
+    budget = args.budget or BUDGETS[mode]
+    sel = C.select(C.registry(shapes), quick=args.quick,
+                   only=args.only.split(",") if args.only else None,
+                   skip=args.skip.split(",") if args.skip else None,
+                   tiers={int(t) for t in args.tiers.split(",")} if args.tiers else None)
+    if args.list:
+        for c in sel:
+            print(f"{c.key:32s} {c.group:8s} est {c.est_s:3d}s timeout {c.budget_s:3d}s  {c.label}")
+        print(f"{len(sel)} cases, estimated {sum(c.est_s for c in sel)} s (budget {budget:.0f} s)")
+        return 0
+
+    os.makedirs(out, exist_ok=True)
+    env = environment()
+    env.update(mode=mode, shapes=shapes, warm=args.warm, steps=args.steps, budget_s=budget,
+               argv=" ".join(sys.argv[1:]))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/ds_offload_bench_torch_ext")
+    env["torch_extensions_dir"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    data = {"env": env, "results": []}
+    jsonl = open(os.path.join(out, "results.jsonl"), "w")
+
+    def save(rec):
+        data["results"].append(rec)
+        jsonl.write(json.dumps(rec) + "\n")
+        jsonl.flush()
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(data, f, indent=1)
+
+    build = None
+    if any(c.needs_ds_build for c in sel):
+        build = DSBuild(os.environ["TORCH_EXTENSIONS_DIR"], os.path.join(out, "build.log"))
+        build.start()
+    t_start = time.perf_counter()
+    queue, deferred = list(sel), []
+    port = 29500 + os.getpid() % 500
+    n_done = 0
+    print(f"[bench] {mode}: {len(sel)} cases on {env['gpu'] or 'CPU'}, budget {budget:.0f} s, "
+          f"{args.warm} warm-up + {args.steps} timed steps", flush=True)
+    while queue or deferred:
+        if build and build.done() and deferred:
+            case = deferred.pop(0)
+        elif queue:
+            case = queue.pop(0)
+            if build and case.needs_ds_build and not build.done():
+                deferred.append(case)
+                continue
+        else:                                     # only cases waiting for the build are left
+            build.wait(timeout=max(1.0, min(300.0, budget - (time.perf_counter() - t_start))))
+            if build.result is None:
+                build.result = dict(ok=False, seconds=None, tail="killed: no time left in the budget")
+            case = deferred.pop(0)
+        elapsed = time.perf_counter() - t_start
+        base = dict(case=case.name, shape=case.shape, group=case.group, mode=case.mode, label=case.label,
+                    params=case.params, loss_ref=case.loss_ref, wall_s=0)
+        if case.cuda_only and not cuda:
+            save(dict(base, status="skipped", error="needs CUDA (no GPU on this machine)"))
+            continue
+        if case.needs_ds_build and build and build.result and not build.result["ok"] and case.fn != "cases:cpuadam":
+            save(dict(base, status="skipped", error="DeepSpeed CPU Adam build failed (see build.log)"))
+            continue
+        if elapsed + case.est_s > budget:
+            save(dict(base, status="skipped", error=f"over the run's budget ({budget:.0f} s) at {elapsed:.0f} s"))
+            print(f"[bench] {case.key}: skipped (budget)", flush=True)
+            continue
+        n_done += 1
+        port += 1
+        # a case may not run far past the run's budget either (a hang near the end must not sink the run)
+        timeout = int(min(case.budget_s * args.timeout_scale, max(30.0, budget - elapsed + 45)))
+        rec = run_case(case, args, port, timeout=timeout)
+        save(rec)
+        r = rec.get("result", {})
+        msg = (f"step {r.get('step_s')} s, peak {r.get('peak_alloc_gib')} GiB, loss {r.get('loss')}"
+               if rec["status"] == "ok" and "step_s" in r else
+               json.dumps({k: v for k, v in r.items() if k not in ("traceback",)})[:300] if rec["status"] == "ok"
+               else rec.get("error"))
+        print(f"[bench] {elapsed:6.1f}s {case.key:30s} {rec['status']:7s} {rec['wall_s']:5.1f}s  {msg}", flush=True)
+    if build:
+        build.wait(timeout=1)
+        data["env"]["ds_build"] = build.result
+    data["env"]["total_s"] = round(time.perf_counter() - t_start, 1)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    jsonl.close()
+    for p in md_paths:
+        R.write_report(data, p, os.path.join(out, "plot.png"))
+    print(f"[bench] done in {data['env']['total_s']} s; wrote {', '.join(md_paths)} and {out}/results.json",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
