@@ -90,6 +90,24 @@ def _args_without_config(args):
     return args
 
 
+def _refresh_masters_after_load(engine, hybrid):
+    """After any checkpoint load, the CPU masters are re-read from the loaded weights.
+
+    ZeRO and DeepSpeed's bf16/fp16 wrappers write their fp32 partitions through `.data`, which the optimizer
+    cannot see; a module-only load would otherwise leave CPU masters at their old values, and the next step
+    would drag the weights back to them (the loss jumps back to where it was).
+    """
+    load = engine.load_checkpoint
+
+    def load_checkpoint(*args, **kwargs):
+        result = load(*args, **kwargs)
+        hybrid.refresh_masters_from_params()
+        return result
+
+    load_checkpoint.__doc__ = load.__doc__
+    engine.load_checkpoint = load_checkpoint
+
+
 def _rank0():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
@@ -147,6 +165,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         else:
             warnings.warn("ds_offload: no CUDA device, so layer-level offloading is off for this run "
                           "(the optimizer split still runs, both parts on the CPU).", stacklevel=2)
+    if state.optimizer is not None:
+        _refresh_masters_after_load(engine, state.optimizer)
     engine.ds_offload = state
     if _rank0():
         logger.warning(state.summary())

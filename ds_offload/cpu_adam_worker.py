@@ -1,0 +1,148 @@
+"""CPU Adam backends for the offloaded share of HybridDeviceOptimizer.
+
+The offloaded share is stepped while the GPU keeps working (rest of backward, the GPU share's step, the
+next forward), so the CPU step must not hold the GIL: a GIL-holding step stalls the Python thread that
+launches GPU kernels and the two serialize.
+
+* ``torch``: ``torch._fused_adamw_`` / ``torch._fused_adam_`` on CPU tensors; the dispatcher releases
+  the GIL, so a plain background thread overlaps.
+* ``deepspeed`` inline: DeepSpeed's CPU Adam op (the kernel behind ``DeepSpeedCPUAdam``) called in the
+  calling thread. Its binding holds the GIL, so this is only used where nothing else runs (CPU-only
+  machines, overlap off) and gives the same numbers as the process variant.
+* ``deepspeed`` in a worker process: the same op in a spawned process that owns no GPU. The flat
+  buffers live in shared memory (page-locked with cudaHostRegister by the parent when CUDA is there),
+  so the parent only sends (bucket, ranges, hyper-parameters) over a pipe and waits on it, which
+  releases the GIL.
+
+A "run" is a contiguous range of one bucket that shares one param group and one step count:
+``(start, end, step_before, lr, beta1, beta2, eps, weight_decay)``.
+"""
+import itertools
+import multiprocessing as mp
+import os
+import traceback
+
+import torch
+
+_OPT_ID = 7301  # id inside the worker process, which owns its op alone
+_inline_ids = itertools.count(7302)  # one per inline backend, clear of DeepSpeedCPUAdam's small ids
+
+
+def _load_ds_op():
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    return CPUAdamBuilder().load()
+
+
+def _ds_runs(op, opt_id, bufs, runs):
+    master, grad, exp_avg, exp_avg_sq = bufs
+    empty = master[:0]
+    for start, end, step, lr, b1, b2, eps, wd in runs:
+        # The op caches beta**step and advances it by one multiplication when called with step+1, so its
+        # numbers would depend on its call history (a resumed run would differ in the last bit). Resetting
+        # it to step 0 with an empty update makes every call compute beta**step the same way.
+        op.adam_update(opt_id, 0, lr, b1, b2, eps, wd, True, empty, empty, empty, empty)
+        op.adam_update(opt_id, step + 1, lr, b1, b2, eps, wd, True, master[start:end], grad[start:end],
+                       exp_avg[start:end], exp_avg_sq[start:end])
+
+
+def torch_adam_runs(adamw_mode, bufs, runs):
+    """Fused torch Adam over ranges of flat buffers; works for CPU and CUDA tensors alike."""
+    master, grad, exp_avg, exp_avg_sq = bufs
+    fn = torch._fused_adamw_ if adamw_mode else torch._fused_adam_
+    for start, end, step, lr, b1, b2, eps, wd in runs:
+        steps = [torch.tensor(float(step + 1), device=master.device)]  # the kernel reads, not bumps, it
+        fn([master[start:end]], [grad[start:end]], [exp_avg[start:end]], [exp_avg_sq[start:end]], [], steps,
+           lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+
+
+def _worker_main(conn, adamw_mode, buckets, num_threads):
+    """Body of the spawned process: step buckets on request until told to stop."""
+    try:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        op = _load_ds_op()
+        op.create_adam(_OPT_ID, 1e-3, 0.9, 0.999, 1e-8, 0.0, adamw_mode, False)
+        conn.send(("ready", None))
+    except Exception:  # report instead of leaving the parent blocked
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        bucket_id, runs = msg
+        try:
+            _ds_runs(op, _OPT_ID, buckets[bucket_id], runs)
+            conn.send(("ok", None))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+    op.destroy_adam(_OPT_ID)
+
+
+class CpuAdamBackend:
+    """Steps flat fp32 CPU buckets with one of the backends above; ``run`` blocks until done."""
+
+    def __init__(self, use_torch, adamw_mode, use_process=False):
+        self.use_torch = use_torch
+        self.adamw_mode = adamw_mode
+        self.use_process = use_process and not use_torch
+        self.buckets = []
+        self._op = None
+        self._proc = None
+        self._conn = None
+
+    @staticmethod
+    def wants_shared_memory(use_torch, use_process):
+        return use_process and not use_torch
+
+    def register(self, bufs):
+        """Add a bucket's (master, grad, exp_avg, exp_avg_sq); returns its id. Call before ``start``."""
+        self.buckets.append(tuple(bufs))
+        return len(self.buckets) - 1
+
+    def start(self):
+        if self.use_torch:
+            return
+        if not self.use_process:
+            self._op = _load_ds_op()
+            self._opt_id = next(_inline_ids)
+            self._op.create_adam(self._opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, self.adamw_mode, False)
+            return
+        _load_ds_op()  # build (or find) the JIT extension once here, so the child only loads it
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        threads = max(1, (os.cpu_count() or 2) - 1)
+        self._proc = ctx.Process(target=_worker_main, args=(child, self.adamw_mode, self.buckets, threads),
+                                 daemon=True)
+        self._proc.start()
+        status, err = self._conn.recv()
+        if status != "ready":
+            raise RuntimeError(f"CPU Adam worker process failed to start:\n{err}")
+
+    def run(self, bucket_id, runs):
+        if not runs:
+            return
+        if self.use_torch:
+            torch_adam_runs(self.adamw_mode, self.buckets[bucket_id], runs)
+        elif self._proc is None:
+            _ds_runs(self._op, self._opt_id, self.buckets[bucket_id], runs)
+        else:
+            self._conn.send((bucket_id, runs))
+            status, err = self._conn.recv()
+            if status != "ok":
+                raise RuntimeError(f"CPU Adam worker process failed:\n{err}")
+
+    def close(self):
+        if self._proc is not None:
+            try:
+                self._conn.send(None)
+                self._proc.join(timeout=10)
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+            if self._proc.is_alive():
+                self._proc.terminate()
+            self._proc = None
+        if self._op is not None:
+            self._op.destroy_adam(self._opt_id)
+            self._op = None
