@@ -89,6 +89,12 @@ def _shape_cases(shape):
                 needs_ds_build=True, mode="opt", quick=(f == 0.5 and ov and not wide), est_s=12 + int(12 * f),
                 budget_s=120, loss_ref="base_bf16",
                 label=f"ds_offload optimizer f={f} DS CPU Adam, overlap {'on' if ov else 'off'}")
+    if not wide:  # opt-in mode: the CPU step starts inside backward (nothing may touch grads before step())
+        for f in (0.5, 1.0):
+            add(f"ours_opt_f{int(f * 100)}_sib", "ours", "cases:ours_opt", tier=1,
+                params=dict(f=f, overlap=True, torch_opt=False, step_in_backward=True), needs_ds_build=True,
+                mode="opt", est_s=12 + int(12 * f), budget_s=120, loss_ref="base_bf16",
+                label=f"ds_offload optimizer f={f} DS CPU Adam, step_in_backward")
     for f in fracs:
         if wide and f != 0.5:
             continue
@@ -367,20 +373,22 @@ def ours_act(shape, warm, steps, n, **kw):
     return r
 
 
-def _hdo(params, f, overlap, torch_opt):
+def _hdo(params, f, overlap, torch_opt, step_in_backward=False):
     from ds_offload.optimizer import HybridDeviceOptimizer
     return HybridDeviceOptimizer(params, offload_fraction=f, lr=H.LR, betas=H.BETAS, eps=H.EPS, weight_decay=H.WD,
-                                 overlap_cpu_optimizer_d2h_h2d=overlap, use_torch_optimizer_for_cpu_offload=torch_opt)
+                                 overlap_cpu_optimizer_d2h_h2d=overlap, use_torch_optimizer_for_cpu_offload=torch_opt,
+                                 step_in_backward=step_in_backward)
 
 
-def ours_opt(shape, warm, steps, f, overlap=True, torch_opt=False):
+def ours_opt(shape, warm, steps, f, overlap=True, torch_opt=False, step_in_backward=False):
     m = H.build_model(shape, torch.bfloat16)
     t = time.perf_counter()
-    opt = _hdo(list(m.parameters()), f, overlap, torch_opt)
+    opt = _hdo(list(m.parameters()), f, overlap, torch_opt, step_in_backward)
     init_s = time.perf_counter() - t
     idx, tgt = H.batch(shape)
     return H.measure(H.torch_train_step(m, opt, idx, tgt, use_autocast=False), shape, warm, steps,
-                     extra=dict(init_s=round(init_s, 2), fraction=f, overlap=overlap, torch_opt=torch_opt))
+                     extra=dict(init_s=round(init_s, 2), fraction=f, overlap=overlap, torch_opt=torch_opt,
+                                step_in_backward=step_in_backward))
 
 
 def ours_combined(shape, warm, steps, n, f):
