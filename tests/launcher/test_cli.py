@@ -364,7 +364,15 @@ def test_build_ops_when_cached():
 
 
 # ------------------------------------------------------------------------------------------ examples
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _example(tmp_path, script, ngpus, port, *extra, cfg=None):
+    port = port or _free_port()
     cfg = cfg or write(tmp_path, "ex.json", {**GOOD, "train_micro_batch_size_per_gpu": 4, "cpu_offloading": {
         "optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0,
                       "use_torch_optimizer_for_cpu_offload": True}}})
@@ -379,12 +387,12 @@ def _example(tmp_path, script, ngpus, port, *extra, cfg=None):
 
 def test_train_gpt_two_ranks_match_one_rank(tmp_path):
     """ZeRO-2 on two CPU ranks == one rank at the same global batch (within the 1e-3 criterion)."""
-    two = _example(tmp_path, "train_gpt.py", 2, 29751, "zero_optimization.stage=2")
-    one = _example(tmp_path, "train_gpt.py", 1, 29752, "zero_optimization.stage=2", "train_micro_batch_size_per_gpu=8")
+    two = _example(tmp_path, "train_gpt.py", 2, None, "zero_optimization.stage=2")
+    one = _example(tmp_path, "train_gpt.py", 1, None, "zero_optimization.stage=2", "train_micro_batch_size_per_gpu=8")
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"])) < 1e-3
 
 
 def test_train_hf_runs(tmp_path):
-    res = _example(tmp_path, "train_hf.py", 1, 29753)
+    res = _example(tmp_path, "train_hf.py", 1, None)
     assert len(res["losses"]) == 3
