@@ -91,7 +91,7 @@ def _shape_cases(shape):
                 label=f"ds_offload optimizer f={f} DS CPU Adam, overlap {'on' if ov else 'off'}")
     if not wide:  # opt-in mode: the CPU step starts inside backward (nothing may touch grads before step())
         for f in (0.5, 1.0):
-            add(f"ours_opt_f{int(f * 100)}_sib", "ours", "cases:ours_opt", tier=1,
+            add(f"ours_opt_f{int(f * 100)}_sib", "ours", "cases:ours_opt", tier=1 if f == 0.5 else 2,
                 params=dict(f=f, overlap=True, torch_opt=False, step_in_backward=True), needs_ds_build=True,
                 mode="opt", est_s=12 + int(12 * f), budget_s=120, loss_ref="base_bf16",
                 label=f"ds_offload optimizer f={f} DS CPU Adam, step_in_backward")
