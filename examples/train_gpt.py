@@ -11,15 +11,14 @@ with an N times larger micro-batch: the losses agree (the --losses-out JSON make
 The only ds_offload-specific lines are `add_config_arguments` and `ds_offload.initialize`.
 """
 import argparse
-import json
-import os
-import time
 
 import torch
 
 import ds_offload
 from ds_offload.arguments import add_config_arguments
 from ds_offload.models import GPT, GPTConfig
+
+from _train_loop import init_ranks, train
 
 MODELS = {
     "tiny": GPTConfig(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32),
@@ -53,15 +52,8 @@ def batch(cfg, global_rows, step, rank, rows, device):
 
 def main():
     args = parse_args()
-    if "RANK" not in os.environ:  # run as a plain script: one process
-        from ds_offload.demo import ensure_single_process_env
-        ensure_single_process_env()
-    import deepspeed
-    cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend=None if cuda else "gloo", verbose=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-    cfg = MODELS[args.model or ("small" if cuda else "tiny")]
+    rank, world = init_ranks()
+    cfg = MODELS[args.model or ("small" if torch.cuda.is_available() else "tiny")]
     cfg = GPTConfig(**{**cfg.__dict__, **({"num_layers": args.layers} if args.layers else {}),
                        **({"seq_len": args.seq_len} if args.seq_len else {})})
     torch.manual_seed(args.seed)
@@ -73,43 +65,10 @@ def main():
         print(f"train_gpt: {n / 1e6:.1f} M params, {cfg.num_layers} layers, seq {cfg.seq_len}; {world} rank(s), "
               f"micro-batch {mb} x {gas} accumulation x {world} = {mb * gas * world} sequences per step", flush=True)
 
-    losses, times = [], []
-    for step in range(args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        total = torch.zeros((), device=engine.device)
-        for micro in range(gas):
-            idx, tgt = batch(cfg, mb * world, step * gas + micro, rank, mb, engine.device)
-            loss = engine(idx, tgt)
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float() / gas
-        torch.distributed.all_reduce(total)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(total.item() / world)
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
-            mem = f", peak GPU {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if cuda else ""
-            print(f"step {step + 1:>4}/{args.steps}  loss {losses[-1]:.5f}  {times[-1] * 1e3:8.1f} ms{mem}", flush=True)
+    def micro_loss(i):
+        return engine(*batch(cfg, mb * world, i, rank, mb, engine.device))
 
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    peaks = [None] * world
-    torch.distributed.all_gather_object(peaks, peak)
-    if rank == 0:
-        steady = times[1:] or times
-        summary = {"final_loss": losses[-1], "losses": losses, "mean_step_s": sum(steady) / len(steady),
-                   "peak_gpu_bytes_per_rank": peaks, "world_size": world,
-                   "offload": engine.ds_offload.summary() if hasattr(engine, "ds_offload") else ""}
-        print("summary: final loss {:.5f}, {:.1f} ms/step (after the first), peak GPU per rank: {}".format(
-            summary["final_loss"], summary["mean_step_s"] * 1e3,
-            ", ".join("n/a: no GPU" if p is None else f"{p / 2**20:,.0f} MiB" for p in peaks)))
-        print(summary["offload"])
-        if args.losses_out:
-            with open(args.losses_out, "w") as fh:
-                json.dump(summary, fh, indent=2)
-            print(f"losses written to {args.losses_out}")
+    train(engine, micro_loss, args, rank, world)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ global batch, so N GPUs see exactly what one GPU sees with an N times larger mic
 import argparse
 import json
 import os
-import time
 
 import torch
 
 import ds_offload
 from ds_offload.arguments import add_config_arguments
+
+from _train_loop import init_ranks, train
 
 
 def parse_args():
@@ -57,14 +58,7 @@ def build_model(args):
 
 def main():
     args = parse_args()
-    if "RANK" not in os.environ:  # run as a plain script: one process
-        from ds_offload.demo import ensure_single_process_env
-        ensure_single_process_env()
-    import deepspeed
-    cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend=None if cuda else "gloo", verbose=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-
+    rank, world = init_ranks()
     model, config = build_model(args)
     engine, _, _, _ = ds_offload.initialize(args=args, model=model, model_parameters=model.parameters())
     mb, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -73,45 +67,13 @@ def main():
         print(f"train_hf: {config.model_type}, {n / 1e6:.1f} M params, {config.num_hidden_layers} layers, "
               f"seq {args.seq_len}; {world} rank(s), {mb * gas * world} sequences per step", flush=True)
 
-    losses, times = [], []
-    for step in range(args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        total = torch.zeros((), device=engine.device)
-        for micro in range(gas):
-            g = torch.Generator().manual_seed(1234 + step * gas + micro)
-            ids = torch.randint(0, config.vocab_size, (mb * world, args.seq_len), generator=g)
-            ids = ids[rank * mb:(rank + 1) * mb].to(engine.device)
-            loss = engine(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float() / gas
-        torch.distributed.all_reduce(total)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(total.item() / world)
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
-            mem = f", peak GPU {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if cuda else ""
-            print(f"step {step + 1:>4}/{args.steps}  loss {losses[-1]:.5f}  {times[-1] * 1e3:8.1f} ms{mem}", flush=True)
+    def micro_loss(i):
+        g = torch.Generator().manual_seed(1234 + i)
+        ids = torch.randint(0, config.vocab_size, (mb * world, args.seq_len), generator=g)
+        ids = ids[rank * mb:(rank + 1) * mb].to(engine.device)
+        return engine(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
 
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    peaks = [None] * world
-    torch.distributed.all_gather_object(peaks, peak)
-    if rank == 0:
-        steady = times[1:] or times
-        summary = {"final_loss": losses[-1], "losses": losses, "mean_step_s": sum(steady) / len(steady),
-                   "peak_gpu_bytes_per_rank": peaks, "world_size": world,
-                   "offload": engine.ds_offload.summary() if hasattr(engine, "ds_offload") else ""}
-        print("summary: final loss {:.5f}, {:.1f} ms/step (after the first), peak GPU per rank: {}".format(
-            summary["final_loss"], summary["mean_step_s"] * 1e3,
-            ", ".join("n/a: no GPU" if p is None else f"{p / 2**20:,.0f} MiB" for p in peaks)))
-        print(summary["offload"])
-        if args.losses_out:
-            with open(args.losses_out, "w") as fh:
-                json.dump(summary, fh, indent=2)
-            print(f"losses written to {args.losses_out}")
+    train(engine, micro_loss, args, rank, world)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The training loop both examples share: progress lines, the cross-rank loss and the final summary.
+
+Kept beside the examples (not in the library) because it is example code: a user's own loop replaces it.
+"""
+import json
+import os
+import time
+
+import torch
+
+
+def init_ranks():
+    """One process without a launcher; otherwise the launcher's ranks (gloo without CUDA)."""
+    if "RANK" not in os.environ:
+        from ds_offload.demo import ensure_single_process_env
+        ensure_single_process_env()
+    import deepspeed
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend=None if cuda else "gloo", verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def train(engine, micro_loss, args, rank, world):
+    """`micro_loss(step_index)` returns the loss of one micro-batch; the loop prints and returns the summary."""
+    cuda = torch.cuda.is_available()
+    gas = engine.gradient_accumulation_steps()
+    losses, times = [], []
+    for step in range(args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=engine.device)
+        for micro in range(gas):
+            loss = micro_loss(step * gas + micro)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float() / gas
+        torch.distributed.all_reduce(total)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(total.item() / world)
+        if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
+            mem = f", peak GPU {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if cuda else ""
+            print(f"step {step + 1:>4}/{args.steps}  loss {losses[-1]:.5f}  {times[-1] * 1e3:8.1f} ms{mem}", flush=True)
+
+    peaks = [None] * world
+    torch.distributed.all_gather_object(peaks, torch.cuda.max_memory_allocated() if cuda else None)
+    if rank != 0:
+        return None
+    steady = times[1:] or times
+    summary = {"final_loss": losses[-1], "losses": losses, "mean_step_s": sum(steady) / len(steady),
+               "peak_gpu_bytes_per_rank": peaks, "world_size": world,
+               "offload": engine.ds_offload.summary() if hasattr(engine, "ds_offload") else ""}
+    print("summary: final loss {:.5f}, {:.1f} ms/step (after the first), peak GPU per rank: {}".format(
+        summary["final_loss"], summary["mean_step_s"] * 1e3,
+        ", ".join("n/a: no GPU" if p is None else f"{p / 2**20:,.0f} MiB" for p in peaks)))
+    print(summary["offload"])
+    if args.losses_out:
+        with open(args.losses_out, "w") as fh:
+            json.dump(summary, fh, indent=2)
+        print(f"losses written to {args.losses_out}")
+    return summary
