@@ -405,23 +405,8 @@ def ours_combined(shape, warm, steps, n, f):
 def ours_combined_engine(shape, warm, steps, n, f):
     import ds_offload
     H.init_dist_env()
-    m = H.build_model(shape)
-    cfg = {"train_micro_batch_size_per_gpu": H.shapes()[shape]["mb"], "gradient_accumulation_steps": 1,
-           "optimizer": {"type": "AdamW", "params": {"lr": H.LR, "weight_decay": H.WD, "betas": list(H.BETAS),
-                                                     "eps": H.EPS}},
-           "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
-           "cpu_offloading": {
-               "model": {"cpu_offloading": True, "cpu_offloading_num_layers": n, "cpu_offloading_activations": True},
-               "optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": f,
-                             "overlap_cpu_optimizer_d2h_h2d": True}}}
-    t = time.perf_counter()
-    eng, _, _, _ = ds_offload.initialize(model=m, model_parameters=m.parameters(), config=cfg)
-    init_s = time.perf_counter() - t
-    idx, tgt = H.batch(shape)
-
-    def step():
-        loss = eng(idx, tgt)
-        eng.backward(loss)
-        eng.step()
-        return loss.detach()
-    return H.measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), fraction=f, n=n))
+    block = {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": n, "cpu_offloading_activations": True},
+             "optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": f,
+                           "overlap_cpu_optimizer_d2h_h2d": True}}
+    return H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, {"stage": 2}, cpu_offloading=block,
+                                   extra=dict(fraction=f, n=n))

@@ -172,6 +172,25 @@ def torch_train_step(model, opt, idx, tgt, use_autocast=True):
     return step
 
 
+def deepspeed_engine_case(init, shape, warm, steps, zero, extra=None, **config):
+    """Build a bf16 DeepSpeed engine with `init` (deepspeed.initialize or ds_offload.initialize) and time it."""
+    m = build_model(shape)
+    cfg = {"train_micro_batch_size_per_gpu": shapes()[shape]["mb"], "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "betas": list(BETAS), "eps": EPS}},
+           "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9, **config}
+    t0 = time.perf_counter()
+    eng, _, _, _ = init(model=m, model_parameters=m.parameters(), config=cfg)
+    init_s = time.perf_counter() - t0
+    idx, tgt = batch(shape)
+
+    def step():
+        loss = eng(idx, tgt)
+        eng.backward(loss)
+        eng.step()
+        return loss.detach()
+    return measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), **(extra or {})))
+
+
 def init_dist_env(port=None):
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port or os.environ.get("BENCH_PORT", 29511)))

@@ -1,5 +1,4 @@
 """Peer implementations measured beside ours, on the same model, batch, seed and hyper-parameters."""
-import time
 
 import torch
 
@@ -71,28 +70,11 @@ def deepspeed_zero(shape, warm, steps, stage, ratio=None, sub_group_size=None):
     import deepspeed
     H.init_dist_env()
     deepspeed.init_distributed(verbose=False)
-    m = H.build_model(shape)
     off = {"device": "cpu", "pin_memory": True}
     if ratio is not None:
         off["ratio"] = ratio
     zero = {"stage": stage, "offload_optimizer": off}
     if sub_group_size:
         zero["sub_group_size"] = int(sub_group_size)
-    cfg = {"train_micro_batch_size_per_gpu": H.shapes()[shape]["mb"], "gradient_accumulation_steps": 1,
-           "optimizer": {"type": "AdamW", "params": {"lr": H.LR, "weight_decay": H.WD, "betas": list(H.BETAS),
-                                                     "eps": H.EPS}},
-           "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9,
-           "wall_clock_breakdown": False}
-    t0 = time.perf_counter()
-    eng, _, _, _ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg)
-    init_s = time.perf_counter() - t0
-    idx, tgt = H.batch(shape)
-
-    def step():
-        loss = eng(idx, tgt)
-        eng.backward(loss)
-        eng.step()
-        return loss.detach()
-
-    return H.measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), zero=zero,
-                                                          deepspeed=deepspeed.__version__))
+    return H.deepspeed_engine_case(deepspeed.initialize, shape, warm, steps, zero, wall_clock_breakdown=False,
+                                   extra=dict(zero=zero, deepspeed=deepspeed.__version__))

@@ -212,10 +212,10 @@ def _rules(config, block, model_layers, pipeline_stages, gradient_checkpointing,
     return errors, warns
 
 
-def check_config(config, *, source=None, model_layers=None, pipeline_stages=None, gradient_checkpointing=False,
+def check_config(config, *, model_layers=None, pipeline_stages=None, gradient_checkpointing=False,
                  fine_grained=False):
     """(errors, warnings), each a list of (json_path, message); raises only for unreadable input."""
-    config, src = _as_dict(config)
+    config, _ = _as_dict(config)
     raw = config.get(BLOCK)
     if raw is None:
         return [], _rules(config, fill_defaults({}), None, None, False, False)[1]
@@ -234,7 +234,7 @@ def load_config(config, **model_facts):
     Raises ConfigError listing every problem; warnings go through `warnings.warn` once each.
     """
     config, src = _as_dict(config)
-    errors, warns = check_config(config, source=src, **model_facts)
+    errors, warns = check_config(config, **model_facts)
     if errors:
         raise ConfigError(errors, source=src)
     for path, msg in warns:

@@ -43,7 +43,7 @@ def validate(configs, model_layers, as_json):
     for path in configs:
         try:
             cfg = read_json(path)
-            errors, warns = check_config(cfg, source=path, model_layers=model_layers)
+            errors, warns = check_config(cfg, model_layers=model_layers)
         except ConfigError as e:
             errors, warns = list(e.errors), []
         all_ok &= not errors

@@ -83,7 +83,7 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
         from ds_offload.errors import ConfigError
         try:
             config = read_json(config_path)
-            errors, _ = check_config(config, source=config_path, model_layers=spec.layers)
+            errors, _ = check_config(config, model_layers=spec.layers)
         except ConfigError as e:
             errors = e.errors
         if errors:

@@ -403,7 +403,7 @@ def launch(ctx, dry_run, resolved_config, script, script_args, **deepspeed_optio
             config = apply_overrides(config, overrides)
         except OverrideError as e:
             _fail(e.errors, source=path, what="override")
-        errors, warns = check_config(config, source=path)
+        errors, warns = check_config(config)
         for p, m in warns:
             click.echo(f"ds-offload: warning {p}: {m}", err=True)
         if errors:
