@@ -42,9 +42,16 @@ class OffloadState:
         return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
 
     def remove(self):
+        """Uninstall the layer hooks; the optimizer keeps working."""
         if self.activation_offload is not None:
             self.activation_offload.remove()
             self.activation_offload = None
+
+    def close(self):
+        """End of training: uninstall the hooks, stop the CPU optimizer's worker, free pinned memory."""
+        self.remove()
+        if self.optimizer is not None:
+            self.optimizer.close()
 
 
 def _config_source(args, config):

@@ -46,8 +46,25 @@ def train(engine, micro_loss, args, rank, world):
 
     peaks = [None] * world
     torch.distributed.all_gather_object(peaks, torch.cuda.max_memory_allocated() if cuda else None)
-    if rank != 0:
-        return None
+    summary = _report(engine, args, losses, times, peaks, world) if rank == 0 else None
+    shutdown(engine)
+    return summary
+
+
+def shutdown(engine):
+    """Every rank leaves together: stop the offload workers, then tear the process group down.
+
+    Exiting with a live gloo group lets one rank's interpreter finish while its peer's transport
+    threads still run, and that process aborts ("terminate called without an active exception").
+    """
+    if hasattr(engine, "ds_offload"):
+        engine.ds_offload.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _report(engine, args, losses, times, peaks, world):
     steady = times[1:] or times
     summary = {"final_loss": losses[-1], "losses": losses, "mean_step_s": sum(steady) / len(steady),
                "peak_gpu_bytes_per_rank": peaks, "world_size": world,

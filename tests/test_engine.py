@@ -143,6 +143,16 @@ def test_optimizer_offload_loss_parity_through_initialize(dist, stage):
     assert "50% of the optimizer on the CPU" in engine.ds_offload.summary()
 
 
+def test_close_releases_optimizer_and_hooks(dist):
+    """End of training: close() drops the CPU optimizer's buffers and hooks, and is safe to repeat."""
+    _, engine = train(ds_offload.initialize, offload_config(0, 0.5), steps=2)
+    opt = engine.ds_offload.optimizer
+    assert opt.split_info()["cpu_numel"] > 0 and opt._layout is not None
+    engine.ds_offload.close()
+    assert opt._layout is None and opt._backend is None and not opt._hook_handles
+    engine.ds_offload.close()
+
+
 def test_module_only_load_refreshes_cpu_masters(dist, tmp_path):
     """Loading weights without optimizer state must not leave stale CPU masters behind."""
     cfg = offload_config(2, 1.0)
