@@ -426,6 +426,8 @@ def write_report(data, md_path, png_path):
         if ACT_TARGETS.get(s) or OPT_TARGETS.get(s):
             L += [f"### Targets of issues 3 (optimizer) and 4 (activations), shape `{s}`", ""] + tl + [""]
     L += ["## Megatron HybridDeviceOptimizer loss parity (f = 0 / 0.25)", ""] + megatron_finding(R) + [""]
+    from estimate_check import markdown as estimate_markdown
+    L += ["## Memory estimator against the measured peaks", ""] + estimate_markdown(data) + [""]
     L += ["## Notes", "",
           "- Step time: median of the timed steps, measured with CUDA events recorded on the compute stream at the "
           "start of every step (no synchronisation inside the timed steps, so work that overlaps the next step is "

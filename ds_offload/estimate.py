@@ -264,10 +264,14 @@ class Memory:
     grads: float = 0.0
     optimizer: float = 0.0
     activations: float = 0.0
+    grads_transient: bool = False   # gradients freed between steps: they and the activations peak apart
 
     @property
     def total(self):
-        return self.params + self.grads + self.optimizer + self.activations
+        """The peak. Persistent gradient buffers sit under the activations' peak at the start of backward;
+        gradients freed between steps only grow as backward frees activations, so the larger of the two counts."""
+        live = max(self.grads, self.activations) if self.grads_transient else self.grads + self.activations
+        return self.params + self.optimizer + live
 
     def as_dict(self):
         return {**asdict(self), "total": self.total}
@@ -329,8 +333,20 @@ def _static_per_param(precision):
     return 4, 4, 8
 
 
-def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=None):
-    """An Estimate for `spec` trained with DeepSpeed `config` (dict) on `gpus` data-parallel ranks."""
+GRADIENTS = ("persistent", "freed")
+
+
+def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=None, gradients="persistent"):
+    """An Estimate for `spec` trained with DeepSpeed `config` (dict) on `gpus` data-parallel ranks.
+
+    `gradients`: "persistent" for DeepSpeed's engine, which keeps its gradient buffers (and, in mixed precision,
+    the optimizer's fp32 gradients) across the step; "freed" for a plain torch loop with
+    `zero_grad(set_to_none=True)` (and the `ActivationOffloader` API), where gradients, fp32 copies included,
+    exist only while backward frees activations. Checked against measured H200 peaks in both modes
+    (`benchmarks/estimate_check.py`).
+    """
+    if gradients not in GRADIENTS:
+        raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
     config = config or {}
     seq_len = seq_len or spec.seq_len or 2048
     precision = precision or precision_of(config)
@@ -343,6 +359,8 @@ def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=N
                    precision=precision, block=block)
     n = spec.params
     pb, gb, ob = _static_per_param(precision)
+    if gradients == "freed" and precision in ("bf16", "fp16"):
+        gb, ob = gb + 4, ob - 4   # the fp32 gradient is made per step, not kept in the optimizer
     params = n * pb / (gpus if stage >= 3 else 1)
     grads = n * gb / (gpus if stage >= 2 else 1)
     opt = n * ob / (gpus if stage >= 1 else 1)
@@ -353,10 +371,11 @@ def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=N
     head = sum(head_activation_bytes(spec, micro_batch, seq_len, precision).values())
     acts = spec.layers * per_layer + head
     est.layer_activation, est.layer_activation_offloadable = per_layer, offloadable
-    est.baseline_gpu = Memory(params, grads, opt, acts)
+    transient = gradients == "freed"
+    est.baseline_gpu = Memory(params, grads, opt, acts, transient)
     est.baseline_cpu = Memory()
 
-    gpu, cpu = Memory(params, grads, opt, acts), Memory()
+    gpu, cpu = Memory(params, grads, opt, acts, transient), Memory()
     m, o = block["model"], block["optimizer"]
     if m["cpu_offloading"]:
         k = min(int(m["cpu_offloading_num_layers"]), max(spec.layers - 1, 0))
@@ -372,6 +391,8 @@ def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=N
         f = float(o["optimizer_offload_fraction"])
         share = n / (gpus if stage >= 1 else 1)
         gpu.optimizer -= f * opt
+        if transient and precision in ("bf16", "fp16"):
+            gpu.grads -= f * 4 * n / (gpus if stage >= 2 else 1)   # the offloaded share's fp32 gradient is on the CPU
         # fp32 master + two moments + an fp32 gradient buffer for the offloaded share
         cpu.optimizer += f * share * 16
     est.offload_gpu, est.offload_cpu = gpu, cpu
@@ -395,10 +416,11 @@ def with_block(config, **changes):
     return cfg
 
 
-def what_fits(spec, config, gpu_bytes, micro_batch, seq_len=None, gpus=1, precision=None, reserve=GiB):
+def what_fits(spec, config, gpu_bytes, micro_batch, seq_len=None, gpus=1, precision=None, reserve=GiB,
+              gradients="persistent"):
     """The least offloading that brings the GPU total under gpu_bytes - reserve, three ways."""
     budget = gpu_bytes - reserve
-    args = dict(micro_batch=micro_batch, seq_len=seq_len, gpus=gpus, precision=precision)
+    args = dict(micro_batch=micro_batch, seq_len=seq_len, gpus=gpus, precision=precision, gradients=gradients)
     base_cfg = {k: v for k, v in (config or {}).items() if k != "cpu_offloading"}
     out = {"budget_bytes": budget, "baseline_fits": estimate(spec, base_cfg, **args).baseline_gpu.total <= budget}
 

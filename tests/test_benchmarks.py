@@ -146,6 +146,21 @@ def test_merge_results(tmp_path):
     assert m["env"]["shapes"] == ["reference", "wide"]
 
 
+def test_estimator_within_10_percent_of_the_committed_h200_runs():
+    """The estimator against every peak our GPU runs measured (results committed under benchmarks/results)."""
+    import estimate_check as EC
+    paths = [os.path.join(BENCH, "results", "results.json"), os.path.join(BENCH, "results", "earlier", "results.json")]
+    rows = []
+    for p in paths:
+        with open(p) as fh:
+            rows += EC.rows(json.load(fh))
+    assert len(rows) >= 15 and {r["gradients"] for r in rows} == {"freed", "persistent"}
+    assert all("H200" in r["gpu"] for r in rows)
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    assert abs(worst["error"]) <= EC.TOLERANCE, worst
+    assert EC.main(paths) == 0
+
+
 def test_tiny_run_end_to_end_on_cpu(tmp_path):
     """The runner itself, on the tiny shape: every case in its own process, JSON + report written."""
     out = tmp_path / "out"

@@ -72,6 +72,24 @@ def test_activations_total_by_hand():
     assert est.baseline_gpu.activations == 4 * layer + head
 
 
+def test_freed_gradients_peak_apart_from_activations():
+    """A plain loop frees gradients between steps: the peak holds the larger of gradients and activations,
+    and in mixed precision the fp32 gradient moves from the optimizer's 16 bytes to the gradients."""
+    s = tiny()
+    n = s.params
+    kept = E.estimate(s, {}, micro_batch=2, seq_len=32, precision="bf16")
+    freed = E.estimate(s, {}, micro_batch=2, seq_len=32, precision="bf16", gradients="freed")
+    k, f = kept.baseline_gpu, freed.baseline_gpu
+    assert (k.grads, k.optimizer) == (2 * n, 16 * n) and (f.grads, f.optimizer) == (6 * n, 12 * n)
+    assert k.total == 2 * n + 2 * n + 16 * n + k.activations
+    assert f.total == 2 * n + 12 * n + max(6 * n, f.activations)
+    cfg = {"cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}}}
+    off = E.estimate(s, cfg, micro_batch=2, seq_len=32, precision="bf16", gradients="freed").offload_gpu
+    assert (off.grads, off.optimizer) == (6 * n - 0.5 * 4 * n, 6 * n)
+    with pytest.raises(ValueError, match="gradients must be one of"):
+        E.estimate(s, {}, gradients="sometimes")
+
+
 def test_optimizer_offload_fraction():
     s = tiny()
     n = s.params

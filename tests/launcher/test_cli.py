@@ -315,6 +315,10 @@ def test_estimate_command(tmp_path):
         assert word in res.output
     doc = json.loads(run_cli("estimate", "--model", "tiny-gpt", "--config", cfg, "--json").output)
     assert doc["without_offload"]["gpu"]["total"] > doc["with_config"]["gpu"]["total"]
+    freed = json.loads(run_cli("estimate", "--model", "tiny-gpt", "--config", cfg, "--json", "--gradients",
+                               "freed").output)
+    assert freed["without_offload"]["gpu"]["grads_transient"] and not doc["without_offload"]["gpu"]["grads_transient"]
+    assert freed["without_offload"]["gpu"]["total"] < doc["without_offload"]["gpu"]["total"]
 
 
 def test_estimate_rejects_bad_model_and_config(tmp_path):
