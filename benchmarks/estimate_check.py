@@ -2,9 +2,9 @@
 
 Why here: the estimator claims to be within 10% of measured peaks (issue 5), and the only honest check is
 against a real run. Each of our cases and baselines is mapped to the estimator's inputs (shape, precision,
-`cpu_offloading` block, ZeRO stage, and whether gradients persist through the step: DeepSpeed's engine keeps its
-buffers, the plain torch loops free them with `zero_grad(set_to_none=True)`). Peers are left out: the estimator
-models ds_offload's offloading, not theirs.
+`cpu_offloading` block, ZeRO stage, and the loop: `deepspeed` for the case that runs `ds_offload.initialize`,
+`torch` for the plain loops around `HybridDeviceOptimizer` and the layer hooks). Peers are left out: the
+estimator models ds_offload's offloading, not theirs.
 
     python benchmarks/estimate_check.py benchmarks/results/results.json [more results.json ...]
 """
@@ -19,23 +19,23 @@ TOLERANCE = 0.10
 
 
 def _inputs(case, params):
-    """(precision, config, gradients) of a benchmark case as the estimator takes them; None if not ours."""
+    """(precision, config, loop) of a benchmark case as the estimator takes them; None if not ours."""
     from ds_offload.estimate import with_block
     on = dict(model__cpu_offloading=True, model__cpu_offloading_num_layers=params.get("n", 0))
     opt = dict(optimizer__optimizer_cpu_offload=True, optimizer__optimizer_offload_fraction=params.get("f", 0.0))
     if case == "base":
-        return "autocast", {}, "freed"
+        return "autocast", {}, "torch"
     if case == "base_bf16":
-        return "bf16", {}, "freed"
+        return "bf16", {}, "torch"
     if case.startswith("ours_act_"):
-        return "autocast", with_block({}, **on), "freed"
+        return "autocast", with_block({}, **on), "torch"
     if case.startswith("ours_opt_"):
-        return "bf16", with_block({}, **opt), "freed"
+        return "bf16", with_block({}, **opt), "torch"
     if case == "ours_combined":
-        return "bf16", with_block({}, **on, **opt), "freed"
+        return "bf16", with_block({}, **on, **opt), "torch"
     if case == "ours_combined_engine":   # benchmarks/cases.py: DeepSpeed bf16, ZeRO-2, one rank
         return "bf16", with_block({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, **on, **opt), \
-            "persistent"
+            "deepspeed"
     return None
 
 
@@ -51,12 +51,12 @@ def rows(data):
         inp = _inputs(r["case"], r.get("params") or {})
         if inp is None:
             continue
-        precision, config, gradients = inp
+        precision, config, loop = inp
         sh = H.shapes()[r["shape"]]
         est = E.estimate(E.spec_from_gpt(sh["cfg"]), config, micro_batch=sh["mb"], seq_len=sh["cfg"].seq_len,
-                         precision=precision, gradients=gradients)
+                         precision=precision, loop=loop)
         estimated, measured = est.offload_gpu.total / 2**30, res["peak_alloc_gib"]
-        out.append({"shape": r["shape"], "case": r["case"], "precision": precision, "gradients": gradients,
+        out.append({"shape": r["shape"], "case": r["case"], "precision": precision, "loop": loop,
                     "estimated_gib": round(estimated, 2), "measured_gib": measured,
                     "error": (estimated - measured) / measured, "gpu": r.get("gpu") or data.get("env", {}).get("gpu")})
     return out
@@ -68,12 +68,13 @@ def markdown(data):
     if not rs:
         return ["No measured peak of a case the estimator covers in this run."]
     L = ["`ds-offload estimate` (ds_offload.estimate) for each case against its measured "
-         "`max_memory_allocated`; `gradients`: `freed` for the plain torch loops (`zero_grad(set_to_none=True)`), "
-         "`persistent` for DeepSpeed's engine. Not counted by the estimator: CUDA context, fragmentation.", "",
-         "| shape | case | precision | gradients | estimated GiB | measured GiB | error |", "|---|---|---|---|---|---|---|"]
+         "`max_memory_allocated`; loop: `torch` for the plain loops around our optimizer and hooks, `deepspeed` for "
+         "`ds_offload.initialize` (`ds-offload estimate --loop`). Not counted by the estimator: CUDA context, "
+         "fragmentation.", "",
+         "| shape | case | precision | loop | estimated GiB | measured GiB | error |", "|---|---|---|---|---|---|---|"]
     for x in rs:
         flag = "" if abs(x["error"]) <= TOLERANCE else " ⚠"
-        L.append(f"| {x['shape']} | `{x['case']}` | {x['precision']} | {x['gradients']} | {x['estimated_gib']:.2f} | "
+        L.append(f"| {x['shape']} | `{x['case']}` | {x['precision']} | {x['loop']} | {x['estimated_gib']:.2f} | "
                  f"{x['measured_gib']:.2f} | {x['error']:+.1%}{flag} |")
     worst = max(rs, key=lambda x: abs(x["error"]))
     n_ok = sum(abs(x["error"]) <= TOLERANCE for x in rs)
@@ -91,7 +92,7 @@ def main(paths):
         for x in rows(data):
             ok = abs(x["error"]) <= TOLERANCE
             bad += not ok
-            print(f"  {x['shape']:9s} {x['case']:22s} {x['precision']:8s} {x['gradients']:10s} "
+            print(f"  {x['shape']:9s} {x['case']:22s} {x['precision']:8s} {x['loop']:10s} "
                   f"estimated {x['estimated_gib']:6.2f} GiB  measured {x['measured_gib']:6.2f} GiB  "
                   f"{x['error']:+6.1%}{'' if ok else '  over ' + format(TOLERANCE, '.0%')}")
     return 1 if bad else 0

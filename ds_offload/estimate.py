@@ -3,9 +3,11 @@
 Everything is counted in bytes per data-parallel rank, from first principles:
 
 * parameters, gradients and optimizer state follow DeepSpeed's layout for the precision and ZeRO stage
-  (stage >= 1 partitions optimizer state over the ranks, >= 2 gradients, 3 parameters);
+  (stage >= 1 partitions optimizer state over the ranks, >= 2 gradients, 3 parameters); gradients are freed
+  between steps, so the peak holds the larger of gradients and activations (see `_static_per_param`);
 * the hybrid optimizer keeps `optimizer_offload_fraction` of the rank's fp32 master weights and Adam moments
-  in CPU memory, plus an fp32 gradient buffer for that share (16 bytes per offloaded element);
+  in CPU memory, plus an fp32 gradient buffer for that share (16 bytes per offloaded element); on the GPU that
+  frees the share's moments, and its master too where the optimizer, not DeepSpeed, owned it (`loop`);
 * activations are the tensors autograd saves for backward, counted per transformer layer (see
   `layer_activation_bytes`); layer-level offload moves those of the first `cpu_offloading_num_layers`
   layers to CPU memory.
@@ -264,14 +266,12 @@ class Memory:
     grads: float = 0.0
     optimizer: float = 0.0
     activations: float = 0.0
-    grads_transient: bool = False   # gradients freed between steps: they and the activations peak apart
 
     @property
     def total(self):
-        """The peak. Persistent gradient buffers sit under the activations' peak at the start of backward;
-        gradients freed between steps only grow as backward frees activations, so the larger of the two counts."""
-        live = max(self.grads, self.activations) if self.grads_transient else self.grads + self.activations
-        return self.params + self.optimizer + live
+        """The peak: gradients are freed between steps and grow only as backward frees activations, so the
+        larger of the two counts (measured: the peak is at the start of backward)."""
+        return self.params + self.optimizer + max(self.grads, self.activations)
 
     def as_dict(self):
         return {**asdict(self), "total": self.total}
@@ -322,31 +322,37 @@ def block_of(config):
     return out
 
 
-def _static_per_param(precision):
+LOOPS = ("deepspeed", "torch")
+
+
+def _static_per_param(precision, loop, stage, config):
     """(param, grad, optimizer-state) bytes per parameter on the GPU before partitioning.
 
-    Mixed precision (bf16/fp16): 2-byte params and grads, and an fp32 master copy, fp32 gradient and the two
-    fp32 Adam moments in the optimizer (16 bytes). fp32 and autocast: 4-byte params and grads, 8 bytes of moments.
+    Gradients are freed between steps in both loops (DeepSpeed's engine sets `.grad` to None, ZeRO-1/2 release
+    their gradient partitions in `step()`), so they peak apart from the activations. Mixed precision adds the
+    fp32 gradients made for the step (4) and keeps an fp32 master (4) beside the moments (8). One exception:
+    DeepSpeed's BF16_Optimizer (bf16, ZeRO-1, `data_types.grad_accum_dtype` fp32) keeps fp32 gradient
+    accumulators for good, counted with its optimizer state.
     """
-    if precision in ("bf16", "fp16"):
+    if precision not in ("bf16", "fp16"):
+        return 4, 4, 8
+    accum = str((config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+    if loop == "deepspeed" and precision == "bf16" and stage == 1 and accum in ("fp32", "float32", "float"):
         return 2, 2, 16
-    return 4, 4, 8
+    return 2, 6, 12
 
 
-GRADIENTS = ("persistent", "freed")
-
-
-def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=None, gradients="persistent"):
+def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=None, loop="deepspeed"):
     """An Estimate for `spec` trained with DeepSpeed `config` (dict) on `gpus` data-parallel ranks.
 
-    `gradients`: "persistent" for DeepSpeed's engine, which keeps its gradient buffers (and, in mixed precision,
-    the optimizer's fp32 gradients) across the step; "freed" for a plain torch loop with
-    `zero_grad(set_to_none=True)` (and the `ActivationOffloader` API), where gradients, fp32 copies included,
-    exist only while backward frees activations. Checked against measured H200 peaks in both modes
-    (`benchmarks/estimate_check.py`).
+    `loop`: "deepspeed" for `ds_offload.initialize` (DeepSpeed's mixed-precision wrappers own the fp32 masters,
+    so the hybrid optimizer frees only the moments of its share on the GPU: 8 bytes per element); "torch" for a
+    plain loop with `HybridDeviceOptimizer` / `ActivationOffloader` (with bf16 parameters the optimizer holds the
+    fp32 masters too, so the offloaded share frees 12 bytes, and its fp32 gradients are made on the CPU).
+    Checked against measured H200 peaks in both loops (`benchmarks/estimate_check.py`).
     """
-    if gradients not in GRADIENTS:
-        raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
     config = config or {}
     seq_len = seq_len or spec.seq_len or 2048
     precision = precision or precision_of(config)
@@ -358,9 +364,8 @@ def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=N
     est = Estimate(model=spec, micro_batch=micro_batch, seq_len=seq_len, gpus=gpus, zero_stage=stage,
                    precision=precision, block=block)
     n = spec.params
-    pb, gb, ob = _static_per_param(precision)
-    if gradients == "freed" and precision in ("bf16", "fp16"):
-        gb, ob = gb + 4, ob - 4   # the fp32 gradient is made per step, not kept in the optimizer
+    pb, gb, ob = _static_per_param(precision, loop, stage, config)
+    mixed = precision in ("bf16", "fp16")
     params = n * pb / (gpus if stage >= 3 else 1)
     grads = n * gb / (gpus if stage >= 2 else 1)
     opt = n * ob / (gpus if stage >= 1 else 1)
@@ -371,11 +376,10 @@ def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=N
     head = sum(head_activation_bytes(spec, micro_batch, seq_len, precision).values())
     acts = spec.layers * per_layer + head
     est.layer_activation, est.layer_activation_offloadable = per_layer, offloadable
-    transient = gradients == "freed"
-    est.baseline_gpu = Memory(params, grads, opt, acts, transient)
+    est.baseline_gpu = Memory(params, grads, opt, acts)
     est.baseline_cpu = Memory()
 
-    gpu, cpu = Memory(params, grads, opt, acts, transient), Memory()
+    gpu, cpu = Memory(params, grads, opt, acts), Memory()
     m, o = block["model"], block["optimizer"]
     if m["cpu_offloading"]:
         k = min(int(m["cpu_offloading_num_layers"]), max(spec.layers - 1, 0))
@@ -390,9 +394,11 @@ def estimate(spec, config=None, micro_batch=1, seq_len=None, gpus=1, precision=N
     if o["optimizer_cpu_offload"]:
         f = float(o["optimizer_offload_fraction"])
         share = n / (gpus if stage >= 1 else 1)
-        gpu.optimizer -= f * opt
-        if transient and precision in ("bf16", "fp16"):
-            gpu.grads -= f * 4 * n / (gpus if stage >= 2 else 1)   # the offloaded share's fp32 gradient is on the CPU
+        if loop == "deepspeed" or not mixed:
+            gpu.optimizer -= f * share * 8          # the moments; the fp32 master stays where the model needs it
+        else:
+            gpu.optimizer -= f * share * 12         # master and moments
+            gpu.grads -= f * 4 * n / (gpus if stage >= 2 else 1)   # its fp32 gradient is made on the CPU
         # fp32 master + two moments + an fp32 gradient buffer for the offloaded share
         cpu.optimizer += f * share * 16
     est.offload_gpu, est.offload_cpu = gpu, cpu
@@ -417,10 +423,10 @@ def with_block(config, **changes):
 
 
 def what_fits(spec, config, gpu_bytes, micro_batch, seq_len=None, gpus=1, precision=None, reserve=GiB,
-              gradients="persistent"):
+              loop="deepspeed"):
     """The least offloading that brings the GPU total under gpu_bytes - reserve, three ways."""
     budget = gpu_bytes - reserve
-    args = dict(micro_batch=micro_batch, seq_len=seq_len, gpus=gpus, precision=precision, gradients=gradients)
+    args = dict(micro_batch=micro_batch, seq_len=seq_len, gpus=gpus, precision=precision, loop=loop)
     base_cfg = {k: v for k, v in (config or {}).items() if k != "cpu_offloading"}
     out = {"budget_bytes": budget, "baseline_fits": estimate(spec, base_cfg, **args).baseline_gpu.total <= budget}
 

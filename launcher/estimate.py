@@ -61,13 +61,13 @@ def _local_gpu_bytes():
 @click.option("--measured", default=None, is_flag=False, flag_value=_DEFAULT_MEASURED, metavar="[PATH]",
               help="Predict the step-time cost from `ds-offload doctor`'s saved measurements (default file if "
                    "no PATH).")
-@click.option("--gradients", type=click.Choice(["persistent", "freed"]), default="persistent", show_default=True,
-              help="persistent: DeepSpeed's engine keeps gradient buffers through the step; freed: a plain torch "
-                   "loop with zero_grad(set_to_none=True) (or the ActivationOffloader API), where gradients and "
-                   "activations peak at different times.")
+@click.option("--loop", type=click.Choice(["deepspeed", "torch"]), default="deepspeed", show_default=True,
+              help="deepspeed: ds_offload.initialize (DeepSpeed's wrappers own the fp32 masters); torch: a plain "
+                   "loop with HybridDeviceOptimizer / ActivationOffloader (with bf16 parameters the optimizer owns "
+                   "the masters, so offloading frees them too).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu_memory, reserve, pipeline_stages,
-             measured, gradients, as_json):
+             measured, loop, as_json):
     """Per-rank GPU and CPU memory (params, grads, optimizer state, activations) without offload and with
     the config, the quick-decision advice, what fits a given GPU, and (--measured) the step-time cost.
 
@@ -98,13 +98,13 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
     mb = micro_batch or int(config.get("train_micro_batch_size_per_gpu") or 1)
     prec = None if precision == "auto" else precision
     est = est_mod.estimate(spec, config, micro_batch=mb, seq_len=seq_len, gpus=gpus, precision=prec,
-                           gradients=gradients)
+                           loop=loop)
 
     gpu_bytes = parse_size(gpu_memory) if gpu_memory else _local_gpu_bytes()
     fits = None
     if gpu_bytes:
         fits = est_mod.what_fits(spec, config, gpu_bytes, mb, seq_len=est.seq_len, gpus=gpus, precision=est.precision,
-                                 reserve=parse_size(reserve), gradients=gradients)
+                                 reserve=parse_size(reserve), loop=loop)
     rows = est_mod.advice(est, config, pipeline_stages=pipeline_stages, fits=fits)
 
     cost = None
@@ -140,8 +140,7 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
     click.echo(_row("GPU, without offload", est.baseline_gpu))
     click.echo(_row("GPU, with the config", est.offload_gpu))
     click.echo(_row("CPU, with the config", est.offload_cpu))
-    if gradients == "freed":
-        click.echo("  (gradients freed between steps: the GPU peak counts the larger of gradients and activations)")
+    click.echo("  (gradients are freed between steps: the peak counts the larger of gradients and activations)")
     saved = est.baseline_gpu.total - est.offload_gpu.total
     click.echo(f"  GPU saved: {fmt_bytes(saved)} ({saved / est.baseline_gpu.total:.0%}); CPU added: "
                f"{fmt_bytes(est.offload_cpu.total)} per rank (pinned where the config pins)")

@@ -55,9 +55,14 @@ def test_static_memory_by_precision_and_zero_stage():
     assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
     bf16 = {"bf16": {"enabled": True}}
     z1 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 1}}, micro_batch=1, gpus=2).baseline_gpu
-    assert (z1.params, z1.grads, z1.optimizer) == (2 * n, 2 * n, 16 * n / 2)
+    # bf16 grads + the fp32 grads made for the step (6); fp32 master + moments (12)
+    assert (z1.params, z1.grads, z1.optimizer) == (2 * n, 6 * n, 12 * n / 2)
     z2 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 2}}, micro_batch=1, gpus=4).baseline_gpu
-    assert (z2.params, z2.grads, z2.optimizer) == (2 * n, 2 * n / 4, 16 * n / 4)
+    assert (z2.params, z2.grads, z2.optimizer) == (2 * n, 6 * n / 4, 12 * n / 4)
+    # DeepSpeed's BF16_Optimizer (ZeRO-1, fp32 accumulation) keeps fp32 gradient accumulators with its state
+    acc = {**bf16, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}
+    b1 = E.estimate(s, acc, micro_batch=1, gpus=2).baseline_gpu
+    assert (b1.params, b1.grads, b1.optimizer) == (2 * n, 2 * n, 16 * n / 2)
     z3 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 3}}, micro_batch=1, gpus=4).baseline_gpu
     assert z3.params == 2 * n / 4
     assert E.estimate(s, {"torch_autocast": {"enabled": True}}).precision == "autocast"
@@ -72,22 +77,34 @@ def test_activations_total_by_hand():
     assert est.baseline_gpu.activations == 4 * layer + head
 
 
-def test_freed_gradients_peak_apart_from_activations():
-    """A plain loop frees gradients between steps: the peak holds the larger of gradients and activations,
-    and in mixed precision the fp32 gradient moves from the optimizer's 16 bytes to the gradients."""
+def test_peak_holds_the_larger_of_gradients_and_activations():
+    """Gradients are freed between steps and grow as backward frees activations: they never add up."""
     s = tiny()
     n = s.params
-    kept = E.estimate(s, {}, micro_batch=2, seq_len=32, precision="bf16")
-    freed = E.estimate(s, {}, micro_batch=2, seq_len=32, precision="bf16", gradients="freed")
-    k, f = kept.baseline_gpu, freed.baseline_gpu
-    assert (k.grads, k.optimizer) == (2 * n, 16 * n) and (f.grads, f.optimizer) == (6 * n, 12 * n)
-    assert k.total == 2 * n + 2 * n + 16 * n + k.activations
-    assert f.total == 2 * n + 12 * n + max(6 * n, f.activations)
-    cfg = {"cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}}}
-    off = E.estimate(s, cfg, micro_batch=2, seq_len=32, precision="bf16", gradients="freed").offload_gpu
-    assert (off.grads, off.optimizer) == (6 * n - 0.5 * 4 * n, 6 * n)
-    with pytest.raises(ValueError, match="gradients must be one of"):
-        E.estimate(s, {}, gradients="sometimes")
+    m = E.estimate(s, {}, micro_batch=2, seq_len=32, precision="bf16").baseline_gpu
+    assert m.total == 2 * n + 12 * n + max(6 * n, m.activations)
+    small = E.estimate(s, {}, micro_batch=1, seq_len=1, precision="bf16").baseline_gpu
+    assert small.activations < 6 * n and small.total == 2 * n + 12 * n + 6 * n
+    with pytest.raises(ValueError, match="loop must be one of"):
+        E.estimate(s, {}, loop="jax")
+
+
+def test_offloaded_share_frees_moments_under_deepspeed_and_masters_too_in_a_torch_loop():
+    """DeepSpeed's mixed-precision wrappers own the fp32 masters (they stay on the GPU: 8 bytes per offloaded
+    element freed); a plain loop's HybridDeviceOptimizer owns them (12 bytes, and the share's fp32 gradients)."""
+    s = tiny()
+    n = s.params
+    cfg = {"bf16": {"enabled": True},
+           "cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}}}
+    ds = E.estimate(s, cfg, micro_batch=1)
+    assert ds.baseline_gpu.optimizer - ds.offload_gpu.optimizer == 0.5 * 8 * n
+    assert ds.offload_gpu.grads == ds.baseline_gpu.grads
+    pt = E.estimate(s, cfg, micro_batch=1, loop="torch")
+    assert pt.baseline_gpu.optimizer - pt.offload_gpu.optimizer == 0.5 * 12 * n
+    assert pt.baseline_gpu.grads - pt.offload_gpu.grads == 0.5 * 4 * n
+    assert ds.offload_cpu.optimizer == pt.offload_cpu.optimizer == 0.5 * 16 * n
+    fp32 = E.estimate(s, {**cfg, "bf16": {"enabled": False}}, micro_batch=1, loop="torch")
+    assert fp32.baseline_gpu.optimizer - fp32.offload_gpu.optimizer == 0.5 * 8 * n  # the params are the masters
 
 
 def test_optimizer_offload_fraction():
@@ -96,7 +113,7 @@ def test_optimizer_offload_fraction():
     cfg = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
            "cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.25}}}
     est = E.estimate(s, cfg, micro_batch=1, gpus=2)
-    assert est.offload_gpu.optimizer == pytest.approx(0.75 * 16 * n / 2)
+    assert est.offload_gpu.optimizer == pytest.approx((12 - 0.25 * 8) * n / 2)
     assert est.offload_cpu.optimizer == pytest.approx(0.25 * 16 * n / 2)
     assert est.offload_gpu.params == est.baseline_gpu.params and est.offload_gpu.grads == est.baseline_gpu.grads
 
