@@ -390,11 +390,17 @@ def _example(tmp_path, script, ngpus, port, *extra, cfg=None):
     return json.loads(out.read_text())
 
 
-def test_train_gpt_two_ranks_match_one_rank(tmp_path):
-    """ZeRO-2 on two CPU ranks == one rank at the same global batch (within the 1e-3 criterion)."""
-    two = _example(tmp_path, "train_gpt.py", 2, None, "zero_optimization.stage=2")
-    one = _example(tmp_path, "train_gpt.py", 1, None, "zero_optimization.stage=2", "train_micro_batch_size_per_gpu=8")
+@pytest.mark.parametrize("stage,fraction,torch_opt", [(2, 1.0, True), (1, 0.5, False)])
+def test_train_gpt_two_ranks_match_one_rank(tmp_path, stage, fraction, torch_opt):
+    """ZeRO-1/2 on two CPU ranks == one rank at the same global batch (within the 1e-3 criterion), with the
+    hybrid optimizer on either backend (each rank offloads `fraction` of its own partition)."""
+    opt = [f"cpu_offloading.optimizer.optimizer_offload_fraction={fraction}",
+           f"cpu_offloading.optimizer.use_torch_optimizer_for_cpu_offload={torch_opt}", f"zero_optimization.stage={stage}"]
+    two = _example(tmp_path, "train_gpt.py", 2, None, *opt)
+    one = _example(tmp_path, "train_gpt.py", 1, None, *opt, "train_micro_batch_size_per_gpu=8")
     assert two["world_size"] == 2 and one["world_size"] == 1
+    backend = "torch AdamW" if torch_opt else "DeepSpeed CPU Adam"
+    assert f"{fraction:.0%} of the optimizer on the CPU ({backend}" in two["offload"]
     assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"])) < 1e-3
 
 
