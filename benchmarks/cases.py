@@ -402,11 +402,17 @@ def ours_combined(shape, warm, steps, n, f):
     return r
 
 
-def ours_combined_engine(shape, warm, steps, n, f):
-    import ds_offload
-    H.init_dist_env()
+def combined_engine_config(shape, n, f):
+    """The DeepSpeed config `ours_combined_engine` runs (also what benchmarks/estimate_check.py estimates)."""
     block = {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": n, "cpu_offloading_activations": True},
              "optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": f,
                            "overlap_cpu_optimizer_d2h_h2d": True}}
-    return H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, {"stage": 2}, cpu_offloading=block,
-                                   extra=dict(fraction=f, n=n))
+    return H.engine_config(shape, {"stage": 2}, cpu_offloading=block)
+
+
+def ours_combined_engine(shape, warm, steps, n, f):
+    import ds_offload
+    H.init_dist_env()
+    cfg = combined_engine_config(shape, n, f)
+    return H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, cfg["zero_optimization"],
+                                   cpu_offloading=cfg["cpu_offloading"], extra=dict(fraction=f, n=n))

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOLERANCE = 0.10
 
 
-def _inputs(case, params):
+def _inputs(shape, case, params):
     """(precision, config, loop) of a benchmark case as the estimator takes them; None if not ours."""
     from ds_offload.estimate import with_block
     on = dict(model__cpu_offloading=True, model__cpu_offloading_num_layers=params.get("n", 0))
@@ -33,9 +33,9 @@ def _inputs(case, params):
         return "bf16", with_block({}, **opt), "torch"
     if case == "ours_combined":
         return "bf16", with_block({}, **on, **opt), "torch"
-    if case == "ours_combined_engine":   # benchmarks/cases.py: DeepSpeed bf16, ZeRO-2, one rank
-        return "bf16", with_block({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, **on, **opt), \
-            "deepspeed"
+    if case == "ours_combined_engine":   # the very config the case ran; its precision follows from it
+        import cases
+        return None, cases.combined_engine_config(shape, params["n"], params["f"]), "deepspeed"
     return None
 
 
@@ -48,13 +48,14 @@ def rows(data):
         res = r.get("result") or {}
         if r.get("status") != "ok" or "peak_alloc_gib" not in res or r["shape"] not in H.shapes():
             continue
-        inp = _inputs(r["case"], r.get("params") or {})
+        inp = _inputs(r["shape"], r["case"], r.get("params") or {})
         if inp is None:
             continue
         precision, config, loop = inp
         sh = H.shapes()[r["shape"]]
         est = E.estimate(E.spec_from_gpt(sh["cfg"]), config, micro_batch=sh["mb"], seq_len=sh["cfg"].seq_len,
                          precision=precision, loop=loop)
+        precision = est.precision
         estimated, measured = est.offload_gpu.total / 2**30, res["peak_alloc_gib"]
         out.append({"shape": r["shape"], "case": r["case"], "precision": precision, "loop": loop,
                     "estimated_gib": round(estimated, 2), "measured_gib": measured,

@@ -172,12 +172,17 @@ def torch_train_step(model, opt, idx, tgt, use_autocast=True):
     return step
 
 
+def engine_config(shape, zero, **config):
+    """The DeepSpeed config of the engine cases: bf16, AdamW with the run's hyperparameters, `zero`."""
+    return {"train_micro_batch_size_per_gpu": shapes()[shape]["mb"], "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "betas": list(BETAS), "eps": EPS}},
+            "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9, **config}
+
+
 def deepspeed_engine_case(init, shape, warm, steps, zero, extra=None, **config):
     """Build a bf16 DeepSpeed engine with `init` (deepspeed.initialize or ds_offload.initialize) and time it."""
     m = build_model(shape)
-    cfg = {"train_micro_batch_size_per_gpu": shapes()[shape]["mb"], "gradient_accumulation_steps": 1,
-           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "betas": list(BETAS), "eps": EPS}},
-           "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9, **config}
+    cfg = engine_config(shape, zero, **config)
     t0 = time.perf_counter()
     eng, _, _, _ = init(model=m, model_parameters=m.parameters(), config=cfg)
     init_s = time.perf_counter() - t0

@@ -57,18 +57,16 @@ def shutdown(engine):
     Exiting with a live gloo group lets one rank's interpreter finish while its peer's transport
     threads still run, and that process aborts ("terminate called without an active exception").
     """
-    if hasattr(engine, "ds_offload"):
-        engine.ds_offload.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    engine.ds_offload.close()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _report(engine, args, losses, times, peaks, world):
     steady = times[1:] or times
     summary = {"final_loss": losses[-1], "losses": losses, "mean_step_s": sum(steady) / len(steady),
                "peak_gpu_bytes_per_rank": peaks, "world_size": world,
-               "offload": engine.ds_offload.summary() if hasattr(engine, "ds_offload") else ""}
+               "offload": engine.ds_offload.summary()}
     print("summary: final loss {:.5f}, {:.1f} ms/step (after the first), peak GPU per rank: {}".format(
         summary["final_loss"], summary["mean_step_s"] * 1e3,
         ", ".join("n/a: no GPU" if p is None else f"{p / 2**20:,.0f} MiB" for p in peaks)))
