@@ -84,7 +84,7 @@ def block_times(model, mb, cfg, reps=5):
 
 def saved_bytes_per_layer(model, mb, cfg):
     """What one layer saves for backward (unique storages), with and without autocast weight casts."""
-    from ds_offload.offloader import _Recast
+    from ds_offload.activations.copier import _Recast
     seen, casts = {}, set()
 
     def pack(t):
@@ -183,7 +183,7 @@ def run_shape(name, layers, args, bw):
     for n in layers:
         h = install_layer_offload(model.blocks, n, prefetch_depth=args.depth, retain_pinned_buffers=True,
                                   double_buffering=args.double_buffering, resident_tail_fraction=args.tail)
-        h.engine.recompute_weight_casts = not args.copy_weight_casts
+        h.copier.recompute_weight_casts = not args.copy_weight_casts
         f, b, s, p = measure(model, batch, args.steps, args.warmup)
         per = h.stats()["bytes_offloaded_last_step"] / n
         h.remove()

@@ -1,4 +1,4 @@
-"""`ds_offload.estimate` against the peak GPU memory that benchmark runs measured.
+"""`ds_offload.memory.estimate` (the memory model, ds_offload/memory/footprint.py) against the peak GPU memory that benchmark runs measured.
 
 Why here: the estimator claims to be within 10% of measured peaks (issue 5), and the only honest check is
 against a real run. Each of our cases and baselines is mapped to the estimator's inputs (shape, precision,
@@ -19,30 +19,37 @@ TOLERANCE = 0.10
 
 
 def _inputs(shape, case, params):
-    """(precision, config, loop) of a benchmark case as the estimator takes them; None if not ours."""
-    from ds_offload.estimate import with_block
-    on = dict(model__cpu_offloading=True, model__cpu_offloading_num_layers=params.get("n", 0))
-    opt = dict(optimizer__optimizer_cpu_offload=True, optimizer__optimizer_offload_fraction=params.get("f", 0.0))
+    """(precision, config, loop) of a benchmark case as the estimator takes them (config: an OffloadConfig);
+    None if not ours."""
+    import dataclasses
+    import warnings
+    from ds_offload.config import OffloadConfig, load_config
+    none = OffloadConfig()
+    on = dataclasses.replace(none.model, cpu_offloading=True, cpu_offloading_num_layers=params.get("n", 0))
+    opt = dataclasses.replace(none.optimizer, optimizer_cpu_offload=True,
+                              optimizer_offload_fraction=params.get("f", 0.0))
     if case == "base":
-        return "autocast", {}, "torch"
+        return "autocast", none, "torch"
     if case == "base_bf16":
-        return "bf16", {}, "torch"
+        return "bf16", none, "torch"
     if case.startswith("ours_act_"):
-        return "autocast", with_block({}, **on), "torch"
+        return "autocast", OffloadConfig(model=on), "torch"
     if case.startswith("ours_opt_"):
-        return "bf16", with_block({}, **opt), "torch"
+        return "bf16", OffloadConfig(optimizer=opt), "torch"
     if case == "ours_combined":
-        return "bf16", with_block({}, **on, **opt), "torch"
+        return "bf16", OffloadConfig(model=on, optimizer=opt), "torch"
     if case == "ours_combined_engine":   # the very config the case ran; its precision follows from it
         import cases
-        return None, cases.combined_engine_config(shape, params["n"], params["f"]), "deepspeed"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return None, load_config(cases.combined_engine_config(shape, params["n"], params["f"])), "deepspeed"
     return None
 
 
 def rows(data):
     """One row per measured case the estimator covers: estimate, measured peak, relative error."""
     import harness as H
-    from ds_offload import estimate as E
+    from ds_offload.memory import estimate, spec_from_gpt
     out = []
     for r in data.get("results", []):
         res = r.get("result") or {}
@@ -53,7 +60,7 @@ def rows(data):
             continue
         precision, config, loop = inp
         sh = H.shapes()[r["shape"]]
-        est = E.estimate(E.spec_from_gpt(sh["cfg"]), config, micro_batch=sh["mb"], seq_len=sh["cfg"].seq_len,
+        est = estimate(spec_from_gpt(sh["cfg"]), config, micro_batch=sh["mb"], seq_len=sh["cfg"].seq_len,
                          precision=precision, loop=loop)
         precision = est.precision
         estimated, measured = est.offload_gpu.total / 2**30, res["peak_alloc_gib"]
@@ -68,7 +75,7 @@ def markdown(data):
     rs = rows(data)
     if not rs:
         return ["No measured peak of a case the estimator covers in this run."]
-    L = ["`ds-offload estimate` (ds_offload.estimate) for each case against its measured "
+    L = ["`ds-offload estimate` (ds_offload.memory) for each case against its measured "
          "`max_memory_allocated`; loop: `torch` for the plain loops around our optimizer and hooks, `deepspeed` for "
          "`ds_offload.initialize` (`ds-offload estimate --loop`). Not counted by the estimator: CUDA context, "
          "fragmentation.", "",

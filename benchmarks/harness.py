@@ -19,13 +19,12 @@ TIMES = {}   # set-up times of the case, reported with its result
 
 
 def shapes():
-    from ds_offload.models import GPTConfig, REFERENCE_GPT, WIDE_GPT
+    from ds_offload.models import GPT_SHAPES
     return {
         # name: (config, micro-batch, activation layer counts, layer counts of the issue's targets)
-        "reference": dict(cfg=REFERENCE_GPT, mb=8, act_n=(2, 4, 8, 15)),
-        "wide": dict(cfg=WIDE_GPT, mb=2, act_n=(2, 4, 7)),
-        "tiny": dict(cfg=GPTConfig(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32), mb=2,
-                     act_n=(1, 2, 3)),
+        "reference": dict(cfg=GPT_SHAPES["reference-gpt"], mb=8, act_n=(2, 4, 8, 15)),
+        "wide": dict(cfg=GPT_SHAPES["wide-gpt"], mb=2, act_n=(2, 4, 7)),
+        "tiny": dict(cfg=GPT_SHAPES["tiny-gpt"], mb=2, act_n=(1, 2, 3)),
     }
 
 
@@ -197,10 +196,9 @@ def deepspeed_engine_case(init, shape, warm, steps, zero, extra=None, **config):
 
 
 def init_dist_env(port=None):
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port or os.environ.get("BENCH_PORT", 29511)))
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
+    """One process (ds_offload.single_process); MASTER_PORT defaults to `port`, else $BENCH_PORT, else 29511."""
+    from ds_offload.single_process import ensure_single_process_env
+    ensure_single_process_env(port=port or os.environ.get("BENCH_PORT", 29511))
 
 
 def find_in_site(relpath):

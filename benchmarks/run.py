@@ -12,7 +12,8 @@ Cases run in priority tiers (1: the targets' cases, baselines, limits and the ma
 the engine path; 3: extra diagnostics); a case whose estimate no longer fits the run's --budget is recorded as
 skipped, so the full run ends on time. `--tiers 2,3` runs the rest in a second call; merge the two results.json.
 Each case has its own timeout; a failing case records its error and the run goes on. DeepSpeed's CPU Adam op is
-built once, in the background, into TORCH_EXTENSIONS_DIR (default /tmp/ds_offload_bench_torch_ext).
+built once, in the background, into TORCH_EXTENSIONS_DIR (default: a per-user directory,
+~/.cache/ds_offload/bench_torch_extensions, else $TMPDIR/ds_offload-ext-<uid>).
 
 Files written under DIR (8 at most, flat): results.json (environment + every case), results.jsonl (one line
 per case as it finishes), BENCHMARKS.md, plot.png, build.log. With the default DIR (benchmarks/results) the
@@ -25,8 +26,10 @@ import json
 import os
 import platform
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,11 +84,34 @@ def worker(spec):
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def sh(cmd):
+def sh(argv):
+    """stdout of a command given as an argument list (no shell), or "" if it cannot run."""
     try:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=20).stdout.strip()
     except Exception:
         return ""
+
+
+def default_ext_dir():
+    """A per-user TORCH_EXTENSIONS_DIR for the benchmark's op build: under the user's cache directory, else a
+    private (0o700, the user's own, not a link) directory in the temp dir named after the uid."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(cache, "ds_offload", "bench_torch_extensions")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    path = os.path.join(tempfile.gettempdir(), f"ds_offload-ext-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise SystemExit(f"[bench] {path} is not a private directory of yours; set TORCH_EXTENSIONS_DIR")
+    return path
 
 
 def environment():
@@ -102,8 +128,8 @@ def environment():
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
     except OSError:
         pass
-    commit = sh(f"git -C {REPO} rev-parse HEAD")
-    dirty = sh(f"git -C {REPO} status --porcelain --untracked-files=no")
+    commit = sh(["git", "-C", REPO, "rev-parse", "HEAD"])
+    dirty = sh(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"])
     if len(commit) != 40:   # no usable .git (e.g. a copied working tree): take it from the caller
         commit, dirty = os.environ.get("BENCH_GIT_COMMIT", "unknown"), os.environ.get("BENCH_GIT_DIRTY", "")
     mem = ""
@@ -118,7 +144,7 @@ def environment():
         "commit": commit, "dirty": bool(dirty), "python": platform.python_version(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": ver("deepspeed"),
         "megatron_core": ver("megatron-core") or ver("megatron_core"), "torchao": ver("torchao"),
-        "gpu": sh("nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader") or None,
+        "gpu": sh(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]) or None,
         "cpu": cpu, "cpu_cores": os.cpu_count(), "host_memory": mem, "host": platform.node(),
     }
 
@@ -298,7 +324,8 @@ def main(argv=None):
     env = environment()
     env.update(mode=mode, shapes=shapes, warm=args.warm, steps=args.steps, budget_s=budget,
                argv=" ".join(sys.argv[1:]))
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/ds_offload_bench_torch_ext")
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        os.environ["TORCH_EXTENSIONS_DIR"] = default_ext_dir()
     env["torch_extensions_dir"] = os.environ["TORCH_EXTENSIONS_DIR"]
     data = {"env": env, "results": []}
     jsonl = open(os.path.join(out, "results.jsonl"), "w")

@@ -5,20 +5,21 @@ imports DeepSpeed or touches a GPU until a feature is used.
 """
 from importlib import import_module
 
-from .config import check_config, load_config
+from .config import ModelOffloadConfig, OffloadConfig, OptimizerOffloadConfig, check_config, load_config
 from .errors import ConfigError
 
 _LAZY = {
     "initialize": "engine",
     "find_layers": "layers",
     "HybridDeviceOptimizer": "optimizer",
-    "ActivationOffloader": "offloader",
-    "estimate_offloading_memory_savings": "offloader",
+    "ActivationOffloader": "activations",
+    "estimate_offloading_memory_savings": "memory",
     "install_layer_offload": "activations",
     "add_config_arguments": "arguments",
 }
 
-__all__ = ["ConfigError", "load_config", "check_config", *_LAZY]
+__all__ = ["ConfigError", "OffloadConfig", "ModelOffloadConfig", "OptimizerOffloadConfig", "load_config",
+           "check_config", *_LAZY]
 
 
 def __getattr__(name):

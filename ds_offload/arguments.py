@@ -20,9 +20,3 @@ def add_config_arguments(parser):
         parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                             help="Local rank, passed by the DeepSpeed launcher (default -1: not launched by it).")
     return parser
-
-
-def parse_known_config_args(argv=None):
-    """(namespace with deepspeed/deepspeed_config/local_rank, remaining argv): for scripts with their own parsing."""
-    parser = add_config_arguments(argparse.ArgumentParser(add_help=False))
-    return parser.parse_known_args(argv)

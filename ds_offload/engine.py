@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import BLOCK, layer_offload_on, load_config, optimizer_offload_on, split_config
+from .config import BLOCK, OffloadConfig, load_config
 from .errors import ConfigError
 from .layers import find_layers, unwrap
 
@@ -21,24 +21,24 @@ logger = logging.getLogger("ds_offload")
 @dataclass
 class OffloadState:
     """What ds_offload did to an engine, kept on it as `engine.ds_offload` for inspection and teardown."""
-    block: dict
-    layers: list = field(default_factory=list)
-    layers_path: str = None
-    activation_offload: object = None
-    optimizer: object = None
+    config: OffloadConfig  # config => the validated config this run acts on
+    layers: list = field(default_factory=list)  # layers => the transformer layers found, in forward order
+    layers_path: str = None  # layers_path => where they were found (dotted path, or "layers=")
+    activation_offload: object = None  # activation_offload => the LayerOffloadHandle, None when not installed
+    optimizer: object = None  # optimizer => the HybridDeviceOptimizer, None without optimizer offload
 
     def summary(self):
         parts = []
-        m, o = self.block["model"], self.block["optimizer"]
+        m, o = self.config.model, self.config.optimizer
         if self.activation_offload is not None:
-            parts.append(f"activations of the first {m['cpu_offloading_num_layers']} of {len(self.layers)} layers "
+            parts.append(f"activations of the first {m.cpu_offloading_num_layers} of {len(self.layers)} layers "
                          f"({self.layers_path}) to pinned CPU memory")
-        elif layer_offload_on(self.block):
+        elif m.enabled:
             parts.append("layer offload requested but inactive (no CUDA device)")
         if self.optimizer is not None:
-            backend = "torch AdamW" if o["use_torch_optimizer_for_cpu_offload"] else "DeepSpeed CPU Adam"
-            parts.append(f"{o['optimizer_offload_fraction']:.0%} of the optimizer on the CPU ({backend}"
-                         f"{', overlapped' if o['overlap_cpu_optimizer_d2h_h2d'] else ''})")
+            backend = "torch AdamW" if o.use_torch_optimizer_for_cpu_offload else "DeepSpeed CPU Adam"
+            parts.append(f"{o.optimizer_offload_fraction:.0%} of the optimizer on the CPU ({backend}"
+                         f"{', overlapped' if o.overlap_cpu_optimizer_d2h_h2d else ''})")
         return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
 
     def remove(self):
@@ -126,20 +126,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         raise ConfigError([("model", "ds_offload.initialize needs model=. Fix: pass the nn.Module to train.")])
     source = _config_source(args, config)
     found, where = find_layers(model, layers) if isinstance(model, torch.nn.Module) else ([], None)
-    full = load_config(source, **_model_facts(model, found))
-    ds_config, block = split_config(full)
-    state = OffloadState(block=block, layers=found, layers_path=where)
+    cfg = load_config(source, **_model_facts(model, found))
+    ds_config = cfg.deepspeed_config()
+    state = OffloadState(config=cfg, layers=found, layers_path=where)
 
-    if layer_offload_on(block):
-        if block["model"]["cpu_offloading_weights"]:
-            raise ConfigError([(f"{BLOCK}.model.cpu_offloading_weights",
-                                "weight offloading is not implemented yet, and ds_offload does not ignore a flag "
-                                "silently. Fix: set cpu_offloading_weights to false.")])
+    if cfg.model.enabled:
         if not found:
             raise ConfigError([(f"{BLOCK}.model.cpu_offloading", f"no transformer layer list found on "
                                 f"{type(unwrap(model)).__name__}. Fix: pass layers=<module list or dotted path>.")])
 
-    if optimizer_offload_on(block):
+    if cfg.optimizer.enabled:
         from .optimizer import HybridDeviceOptimizer, prepare_hybrid_optimizer
         if optimizer is not None and not isinstance(optimizer, HybridDeviceOptimizer):
             raise ConfigError([(f"{BLOCK}.optimizer.optimizer_cpu_offload",
@@ -151,7 +147,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                 raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
             params = model_parameters if model_parameters is not None else model.parameters()
-            optimizer, ds_config = prepare_hybrid_optimizer(ds_config, block["optimizer"], params)
+            optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)
             model_parameters = None
         state.optimizer = optimizer
 
@@ -160,15 +156,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
 
-    if layer_offload_on(block):
-        m = block["model"]
+    if cfg.model.enabled:
+        m = cfg.model
         if torch.cuda.is_available():
             from .activations import install_layer_offload
             state.activation_offload = install_layer_offload(
-                found, m["cpu_offloading_num_layers"], min_offload_bytes=m["cpu_offloading_min_offload_bytes"],
-                prefetch_depth=m["cpu_offloading_prefetch_depth"],
-                double_buffering=m["cpu_offloading_double_buffering"],
-                retain_pinned_buffers=m["cpu_offloading_retain_pinned_cpu_buffers"])
+                found, m.cpu_offloading_num_layers, min_offload_bytes=m.cpu_offloading_min_offload_bytes,
+                prefetch_depth=m.cpu_offloading_prefetch_depth,
+                double_buffering=m.cpu_offloading_double_buffering,
+                retain_pinned_buffers=m.cpu_offloading_retain_pinned_cpu_buffers)
         else:
             warnings.warn("ds_offload: no CUDA device, so layer-level offloading is off for this run "
                           "(the optimizer split still runs, both parts on the CPU).", stacklevel=2)

@@ -39,25 +39,56 @@ def _same_class_blocks(lst):
     return count if count == len(lst) else 0
 
 
+_LAYERS_FIX = ("Fix: pass the layer list itself (e.g. layers=model.blocks) or its dotted path "
+               "(e.g. layers='model.layers').")
+
+
+def _bad_layers(what):
+    return ConfigError([("layers", f"layers= must be a dotted path (str) or a non-empty sequence of nn.Modules "
+                                   f"(an nn.ModuleList, nn.Sequential, list or tuple); got {what}. {_LAYERS_FIX}")])
+
+
+def _describe(obj):
+    if isinstance(obj, nn.Module):
+        return f"a single {type(obj).__name__} module"
+    text = repr(obj)
+    return f"{type(obj).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _explicit_layers(model, layers):
+    """The layers named by `layers=` (a dotted path or a sequence of modules), checked; raises ConfigError."""
+    if isinstance(layers, str):
+        found = _get(model, layers) if layers else None
+        if not isinstance(found, (nn.ModuleList, nn.Sequential, list, tuple)):
+            raise ConfigError([("layers", f"'{layers}' is not a list of modules on {type(model).__name__}. "
+                                          "Fix: pass the dotted path of the transformer layer list, "
+                                          "e.g. layers='model.layers'.")])
+        where, seq = layers, found
+    elif isinstance(layers, (nn.ModuleList, nn.Sequential, list, tuple)):
+        where, seq = "layers=", layers
+    else:
+        raise _bad_layers(_describe(layers))
+    seq = list(seq)
+    if not seq:
+        name = f"'{layers}' on {type(model).__name__}" if isinstance(layers, str) else _describe(layers)
+        raise ConfigError([("layers", f"layers= names an empty layer list ({name}); it must be a dotted path or "
+                                      f"a non-empty sequence of nn.Modules. {_LAYERS_FIX}")])
+    bad = [i for i, m in enumerate(seq) if not isinstance(m, nn.Module)]
+    if bad:
+        raise _bad_layers(f"a sequence whose item {bad[0]} is {_describe(seq[bad[0]])}, not an nn.Module")
+    return seq, where
+
+
 def find_layers(model, layers=None):
     """(list of layer modules in forward order, where they were found).
 
-    `layers` may be a module list / sequence of modules or a dotted attribute path; otherwise the known paths
-    are tried, then the largest nn.ModuleList made of one block class.
+    `layers` may be a non-empty module list / sequence of modules or a dotted attribute path (anything else is
+    a ConfigError naming `layers`); otherwise the known paths are tried, then the largest nn.ModuleList made of
+    one block class.
     """
     model = unwrap(model)
     if layers is not None:
-        if isinstance(layers, str):
-            found = _get(model, layers)
-            if not isinstance(found, (nn.ModuleList, nn.Sequential, list, tuple)):
-                raise ConfigError([("layers", f"'{layers}' is not a list of modules on {type(model).__name__}. "
-                                              "Fix: pass the dotted path of the transformer layer list, "
-                                              "e.g. layers='model.layers'.")])
-            return list(found), layers
-        if all(isinstance(m, nn.Module) for m in layers):
-            return list(layers), "layers="
-        raise ConfigError([("layers", "layers= must be a dotted path or a sequence of nn.Modules. "
-                                      "Fix: pass e.g. model.blocks or 'model.layers'.")])
+        return _explicit_layers(model, layers)
     for path in KNOWN_PATHS:
         found = _get(model, path)
         if isinstance(found, nn.ModuleList) and _same_class_blocks(found) >= 1:

@@ -64,5 +64,14 @@ def synthetic_batch(cfg: GPTConfig, batch_size: int, step: int = 0, device="cpu"
     return idx.to(device), torch.roll(idx, -1, 1).to(device)
 
 
-REFERENCE_GPT = GPTConfig(vocab_size=32000, hidden=2048, num_layers=16, num_heads=16, seq_len=2048)
-WIDE_GPT = GPTConfig(vocab_size=32000, hidden=4096, num_layers=8, num_heads=16, seq_len=4096)
+# The named GPT shapes, written here only: the demo, `ds-offload estimate --model`, the examples and the
+# benchmark read them. tiny: the CPU tests (seconds); small: the demo on a GPU (memory differences visible);
+# reference: the benchmark's reference shape; wide: the benchmark's wide shape.
+GPT_SHAPES = {
+    "tiny-gpt": GPTConfig(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32),
+    "small-gpt": GPTConfig(vocab_size=32000, hidden=1024, num_layers=8, num_heads=16, seq_len=1024),
+    "reference-gpt": GPTConfig(vocab_size=32000, hidden=2048, num_layers=16, num_heads=16, seq_len=2048),
+    "wide-gpt": GPTConfig(vocab_size=32000, hidden=4096, num_layers=8, num_heads=16, seq_len=4096),
+}
+REFERENCE_GPT = GPT_SHAPES["reference-gpt"]
+WIDE_GPT = GPT_SHAPES["wide-gpt"]

@@ -12,7 +12,7 @@ import torch
 def init_ranks():
     """One process without a launcher; otherwise the launcher's ranks (gloo without CUDA)."""
     if "RANK" not in os.environ:
-        from ds_offload.demo import ensure_single_process_env
+        from ds_offload.single_process import ensure_single_process_env
         ensure_single_process_env()
     import deepspeed
     cuda = torch.cuda.is_available()

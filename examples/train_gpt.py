@@ -16,15 +16,11 @@ import torch
 
 import ds_offload
 from ds_offload.arguments import add_config_arguments
-from ds_offload.models import GPT, GPTConfig
+from ds_offload.models import GPT, GPT_SHAPES, GPTConfig
 
 from _train_loop import init_ranks, train
 
-MODELS = {
-    "tiny": GPTConfig(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32),
-    "small": GPTConfig(vocab_size=32000, hidden=1024, num_layers=8, num_heads=16, seq_len=1024),
-    "reference": GPTConfig(vocab_size=32000, hidden=2048, num_layers=16, num_heads=16, seq_len=2048),
-}
+MODELS = {name: GPT_SHAPES[f"{name}-gpt"] for name in ("tiny", "small", "reference")}
 
 
 def parse_args():

@@ -1,4 +1,7 @@
-"""`ds-offload`: the click group and the `validate` command; the other commands live in launcher/<cmd>.py."""
+"""`ds-offload`: the click group and the `validate` command; the other commands live in <cmd>.py beside it.
+
+Installed as `ds_offload_cli.cli` (from the repository folder launcher/); `python -m ds_offload_cli.cli` runs it.
+"""
 import json
 import sys
 

@@ -1,4 +1,4 @@
-"""`ds-offload demo`: the README's main job (see ds_offload/demo.py for the training itself)."""
+"""`ds-offload demo`: the README's main job (see demo_run.py beside it for the training itself)."""
 import contextlib
 import sys
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from . import CONTEXT
+from .demo_run import DEMO_MODELS
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -33,9 +34,11 @@ def _progress_factory(label, steps):
 
 
 def _prebuild_cpu_adam(config):
-    """The first use of DeepSpeed's CPU Adam compiles it (~60 s on 2 cores): say so rather than look stuck."""
-    opt = (config.get("cpu_offloading") or {}).get("optimizer") or {}
-    if not opt.get("optimizer_cpu_offload") or opt.get("use_torch_optimizer_for_cpu_offload"):
+    """The first use of DeepSpeed's CPU Adam compiles it (~60 s on 2 cores): say so rather than look stuck.
+
+    `config`: an OffloadConfig."""
+    opt = config.optimizer
+    if not opt.optimizer_cpu_offload or opt.use_torch_optimizer_for_cpu_offload:
         return
     from .build_ops import build_op, op_cache_dir
     d = op_cache_dir("cpu_adam")
@@ -50,7 +53,7 @@ def _prebuild_cpu_adam(config):
 @click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Optimizer steps per run.")
 @click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True,
               help="Folder for demo.png (loss curves, memory per step) and demo.json.")
-@click.option("--model", type=click.Choice(["tiny-gpt", "small-gpt", "reference-gpt"]), default=None,
+@click.option("--model", type=click.Choice(DEMO_MODELS), default=None,
               help="Embedded GPT to train [default: tiny-gpt without a GPU, small-gpt with one].")
 def demo(config_name, steps, out, model):
     """Train an embedded GPT on synthetic data twice, without offload and with a config, and compare.
@@ -59,7 +62,7 @@ def demo(config_name, steps, out, model):
     CPU memory) and writes a PNG. Runs on CPU without a GPU (layer offload is then a no-op; the optimizer
     split still runs), on a GPU with one. Exit status 1 when the loss criterion fails.
     """
-    from ds_offload.demo import load_demo_config, run_demo
+    from .demo_run import load_demo_config, run_demo
     path = find_config(config_name)
     _prebuild_cpu_adam(load_demo_config(path))
     report = run_demo(path, steps=steps, out=out, model=model, echo=click.echo, progress_factory=_progress_factory)

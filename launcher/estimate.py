@@ -1,6 +1,7 @@
 """`ds-offload estimate`: GPU and CPU memory per rank, without offload and with a config; advice; what fits."""
 import json
 import sys
+import warnings
 
 import click
 
@@ -9,8 +10,8 @@ from . import CONTEXT
 _DEFAULT_MEASURED = "__doctor_default__"
 
 
-def _row(label, mem, other=None):
-    from ds_offload.estimate import fmt_bytes
+def _row(label, mem):
+    from .plan import fmt_bytes
     cells = [fmt_bytes(mem.params), fmt_bytes(mem.grads), fmt_bytes(mem.optimizer), fmt_bytes(mem.activations),
              fmt_bytes(mem.total)]
     return f"  {label:<26}" + "".join(f"{c:>13}" for c in cells)
@@ -39,7 +40,7 @@ def _local_gpu_bytes():
 
 @click.command(context_settings=CONTEXT)
 @click.option("--model", "model_text", default="tiny-gpt", show_default=True,
-              help="tiny-gpt | reference-gpt | wide-gpt | PATH/config.json of a transformers model | "
+              help="tiny-gpt | small-gpt | reference-gpt | wide-gpt | PATH/config.json of a transformers model | "
                    "params=1.3B,layers=24,hidden=2048[,heads=..,vocab=..,ffn=..,kv_heads=..,gated=1].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="DeepSpeed config with a cpu_offloading block (default: none, i.e. no offload).")
@@ -74,38 +75,37 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
     Activations are counted tensor by tensor (what autograd saves per layer); not counted: CUDA context,
     allocator fragmentation, communication buckets.
     """
-    from ds_offload import estimate as est_mod
-    from ds_offload.estimate import fmt_bytes, parse_size
+    from ds_offload.config import OffloadConfig, load_config
+    from ds_offload.errors import ConfigError
+    from ds_offload.memory import estimate as memory_estimate, parse_model
+
+    from .plan import QUICK_DECISION, advice, fmt_bytes, parse_size, step_time_cost, what_fits
 
     try:
-        spec = est_mod.parse_model(model_text)
+        spec = parse_model(model_text)
     except (ValueError, OSError) as e:
         raise click.BadParameter(str(e), param_hint="--model")
-    config = {}
+    config = OffloadConfig()
     if config_path:
-        from ds_offload.config import check_config, read_json
-        from ds_offload.errors import ConfigError
         try:
-            config = read_json(config_path)
-            errors, _ = check_config(config, model_layers=spec.layers)
+            with warnings.catch_warnings():  # warnings are `validate`'s to print; the estimate needs no errors
+                warnings.simplefilter("ignore")
+                config = load_config(config_path, model_layers=spec.layers)
         except ConfigError as e:
-            errors = e.errors
-        if errors:
-            click.echo(f"{config_path}: {len(errors)} problem(s):", err=True)
-            for p, m in errors:
+            click.echo(f"{config_path}: {len(e.errors)} problem(s):", err=True)
+            for p, m in e.errors:
                 click.echo(f"  - {p}: {m}", err=True)
             sys.exit(1)
-    mb = micro_batch or int(config.get("train_micro_batch_size_per_gpu") or 1)
+    mb = micro_batch or int(config.deepspeed.get("train_micro_batch_size_per_gpu") or 1)
     prec = None if precision == "auto" else precision
-    est = est_mod.estimate(spec, config, micro_batch=mb, seq_len=seq_len, gpus=gpus, precision=prec,
-                           loop=loop)
+    est = memory_estimate(spec, config, micro_batch=mb, seq_len=seq_len, gpus=gpus, precision=prec, loop=loop)
 
     gpu_bytes = parse_size(gpu_memory) if gpu_memory else _local_gpu_bytes()
     fits = None
     if gpu_bytes:
-        fits = est_mod.what_fits(spec, config, gpu_bytes, mb, seq_len=est.seq_len, gpus=gpus, precision=est.precision,
-                                 reserve=parse_size(reserve), loop=loop)
-    rows = est_mod.advice(est, config, pipeline_stages=pipeline_stages, fits=fits)
+        fits = what_fits(spec, config, gpu_bytes, mb, seq_len=est.seq_len, gpus=gpus, precision=est.precision,
+                         reserve=parse_size(reserve), loop=loop)
+    rows = advice(est, config, pipeline_stages=pipeline_stages, fits=fits)
 
     cost = None
     if measured:
@@ -117,7 +117,7 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
         except OSError:
             raise click.UsageError(f"no measurements at {path}: run `ds-offload doctor` on the training machine "
                                    "first (it saves them there), or pass --measured PATH.")
-        cost = est_mod.step_time_cost(est, data)
+        cost = step_time_cost(est, data)
 
     if as_json:
         out = est.as_dict()
@@ -171,7 +171,7 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
 
     click.echo("\nquick decision (from the Megatron Bridge guidance):")
     applied = {r[0] for r in rows}
-    for key, situation, rec in est_mod.QUICK_DECISION:
+    for key, situation, rec in QUICK_DECISION:
         mark = "->" if key in applied else "  "
         click.echo(f"  {mark} {situation}: {rec}")
     if not applied:

@@ -8,12 +8,14 @@ slurm, mpich, impi, ...) works unchanged. What we add happens before any process
    `--deepspeed-config`, `--config`) is read;
 2. KEY=VALUE overrides among the script's arguments are applied to it (and removed from the arguments);
 3. the result is validated; on any problem we print them all and exit 1 without launching;
-4. the resolved config is written next to the run and passed on in place of the original.
+4. the resolved config is written next to the run (created exclusively, never through a symbolic link, in a
+   run directory kept to the user) and passed on in place of the original; `--dry-run` writes nothing.
 """
 import argparse
 import copy
 import datetime
 import difflib
+import errno
 import json
 import os
 import re
@@ -326,8 +328,90 @@ def _check_sections(config, sections):
 
 def resolved_config_path(original, run_dir=None):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(run_dir) if run_dir else Path.cwd() / "ds_offload_runs"
-    return (base / f"{Path(original).stem}.{stamp}-{os.getpid()}.resolved.json").resolve()
+    # not resolved: a link at the directory or at the name is refused or avoided when writing, never followed
+    base = Path(run_dir).absolute() if run_dir else Path.cwd() / "ds_offload_runs"
+    return base / f"{Path(original).stem}.{stamp}-{os.getpid()}.resolved.json"
+
+
+class ResolvedConfigError(Exception):
+    """The resolved config could not be written where it should go (the message is one line)."""
+
+
+_CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_run_dir(run_dir):
+    """A descriptor of the default run directory, created 0o700; refused if it is a link or not the user's."""
+    try:
+        os.mkdir(run_dir, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise ResolvedConfigError(f"cannot create the run directory {run_dir}: {e.strerror}") from None
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if os.path.islink(run_dir):
+            raise ResolvedConfigError(f"the run directory {run_dir} is a symbolic link; refusing to write "
+                                      "through it. Fix: remove the link (or pass --resolved-config PATH)") from None
+        raise ResolvedConfigError(f"cannot open the run directory {run_dir}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ResolvedConfigError(f"the run directory {run_dir} is not owned by you (uid {st.st_uid}); refusing "
+                                  "to write into it. Fix: remove it (or pass --resolved-config PATH)")
+    return fd
+
+
+def _create(name, text, dir_fd=None, shown=None):
+    """Create `name` exclusively (never through a link; mode 0o666 less the umask) and write text; False if taken."""
+    try:
+        fd = os.open(name, _CREATE_FLAGS, 0o666, dir_fd=dir_fd)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            return False
+        raise ResolvedConfigError(f"cannot create {shown or name}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise ResolvedConfigError(f"cannot write {shown or name}: {e.strerror}") from None
+    return True
+
+
+def write_resolved_config(text, out, explicit=False):
+    """Write the resolved config to `out` (a Path) and return where it went.
+
+    The file is created exclusively and never through a symbolic link. An explicit path that already exists is
+    refused (nothing is overwritten). The default path is in ./ds_offload_runs, a directory kept to the user
+    (created 0o700, refused if it is a link or someone else's); if its predictable name is taken, another
+    name is picked.
+    """
+    out = Path(out)
+    if explicit:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ResolvedConfigError(f"cannot create the directory {out.parent}: {e.strerror}") from None
+        if not _create(str(out), text, shown=out):
+            raise ResolvedConfigError(f"--resolved-config {out} already exists (or is a link); it is not "
+                                      "overwritten. Fix: remove it or name a new file")
+        return out
+    dir_fd = _open_run_dir(out.parent)
+    try:
+        name = out.name
+        stem = name[:-len(".resolved.json")] if name.endswith(".resolved.json") else name
+        for attempt in range(100):
+            if attempt:
+                import secrets
+                name = f"{stem}-{secrets.token_hex(4)}.resolved.json"
+            if _create(name, text, dir_fd=dir_fd, shown=out.parent / name):
+                return out.parent / name
+        raise ResolvedConfigError(f"no free file name in {out.parent} (every name tried exists)")
+    finally:
+        os.close(dir_fd)
 
 
 def launcher_tokens(raw, tail_len):
@@ -355,11 +439,11 @@ def build_command(launcher_args, script, script_args):
 # ----------------------------------------------------------------------------------------------------------
 @click.command(cls=LaunchCommand, context_settings={**CONTEXT, "allow_interspersed_args": False},
                short_help="Validate, apply KEY=VALUE overrides, then run DeepSpeed's launcher.")
-@click.option("--dry-run", is_flag=True, help="Print the resolved config's path and contents and the exact "
-                                               "command; launch nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config's contents and the exact command; "
+                                               "write nothing, launch nothing.")
 @click.option("--resolved-config", type=click.Path(dir_okay=False), default=None,
               help="Where to write the resolved config (default: ./ds_offload_runs/<name>.<time>-<pid>.resolved.json); "
-                   "for multi-node runs, a path every node sees.")
+                   "for multi-node runs, a path every node sees. It must not exist yet (nothing is overwritten).")
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -408,19 +492,28 @@ def launch(ctx, dry_run, resolved_config, script, script_args, **deepspeed_optio
             click.echo(f"ds-offload: warning {p}: {m}", err=True)
         if errors:
             _fail(errors, source=path)
-        out = Path(resolved_config).resolve() if resolved_config else resolved_config_path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         schema = config.get("$schema")
         if isinstance(schema, str) and not re.match(r"^[a-z]+://", schema) and not os.path.isabs(schema):
             config["$schema"] = str((Path(path).resolve().parent / schema).resolve())
         text = json.dumps(config, indent=2) + "\n"
-        out.write_text(text)
+        if resolved_config:
+            # the parent's links are resolved, the file's own name is kept: a link there is refused, not followed
+            given = Path(resolved_config).expanduser().absolute()
+            out = given.parent.resolve() / given.name
+        else:
+            out = resolved_config_path(path)
+        if not dry_run:  # --dry-run writes nothing
+            try:
+                out = write_resolved_config(text, out, explicit=bool(resolved_config))
+            except ResolvedConfigError as e:
+                click.echo(f"ds-offload: cannot write the resolved config: {e}; nothing launched.", err=True)
+                sys.exit(1)
         if form == "split":
             args[idx + 1] = str(out)
         else:
             args[idx] = args[idx].split("=", 1)[0] + "=" + str(out)
         if dry_run:
-            click.echo(f"resolved config: {out}")
+            click.echo(f"resolved config: {out} (not written: --dry-run)")
             click.echo(text, nl=False)
         else:
             click.echo(f"ds-offload: config {path} OK" + (f" with {len(overrides)} override(s)" if overrides else "")

@@ -1,22 +1,10 @@
 """Test setup: one-process DeepSpeed on whatever accelerator is present, GPU tests skipped without CUDA."""
-import os
-import socket
-
 import pytest
 import torch
 
+from ds_offload.single_process import ensure_single_process_env
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
-os.environ.setdefault("LOCAL_RANK", "0")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", _free_port())
+ensure_single_process_env()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -161,6 +161,7 @@ def test_estimator_within_10_percent_of_the_committed_h200_runs():
     assert EC.main(paths) == 0
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end_on_cpu(tmp_path):
     """The runner itself, on the tiny shape: every case in its own process, JSON + report written."""
     out = tmp_path / "out"

@@ -58,3 +58,59 @@ def test_transformers_families(family):
         expect, path = model.gpt_neox.layers, "gpt_neox.layers"
     layers, where = find_layers(model)
     assert where == path and layers == list(expect)
+
+
+# ------------------------------------------------------------------------------------------ bad layers=
+@pytest.mark.parametrize("bad,needle", [
+    (5, "int 5"),
+    (3.5, "float"),
+    (nn.Linear(2, 2), "a single Linear module"),
+    (nn.ModuleList(), "empty layer list"),
+    ([], "empty layer list"),
+    ((), "empty layer list"),
+    ([nn.Linear(2, 2), "x"], "item 1 is str"),
+    ({"a": nn.Linear(2, 2)}, "dict"),
+])
+def test_bad_layers_is_a_config_error_naming_layers(bad, needle):
+    model = GPT(CFG)
+    with pytest.raises(ConfigError) as e:
+        find_layers(model, layers=bad)
+    (path, msg), = e.value.errors
+    assert path == "layers"
+    assert needle in msg
+    assert "dotted path" in msg and "non-empty sequence of nn.Modules" in msg and "Fix:" in msg
+
+
+def test_single_block_module_is_refused_not_iterated():
+    model = GPT(CFG)
+    with pytest.raises(ConfigError, match="single"):
+        find_layers(model, layers=model.blocks[0])
+
+
+def test_empty_module_list_at_dotted_path_is_refused():
+    class Empty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList()
+    with pytest.raises(ConfigError, match="empty layer list .'blocks' on Empty"):
+        find_layers(Empty(), layers="blocks")
+    with pytest.raises(ConfigError, match="layers"):
+        find_layers(Empty(), layers="")
+
+
+def test_sequences_of_modules_accepted():
+    model = GPT(CFG)
+    blocks = list(model.blocks)
+    assert find_layers(model, layers=tuple(blocks)) == (blocks, "layers=")
+    assert find_layers(model, layers=nn.Sequential(*blocks[:2]))[0] == blocks[:2]
+
+
+def test_initialize_reports_empty_layers_as_layers_not_as_not_found():
+    ds_offload = pytest.importorskip("ds_offload")
+    model = GPT(CFG)
+    config = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "cpu_offloading": {"model": {"cpu_offloading": True}}}
+    with pytest.raises(ConfigError) as e:
+        ds_offload.initialize(model=model, config=config, layers=nn.ModuleList())
+    assert [p for p, _ in e.value.errors] == ["layers"]
+    assert "no transformer layer list found" not in str(e.value)

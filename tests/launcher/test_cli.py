@@ -1,4 +1,4 @@
-"""The `ds-offload` CLI through click's CliRunner and as subprocesses (`python -m launcher.cli`)."""
+"""The `ds-offload` CLI through click's CliRunner and as subprocesses (`python -m ds_offload_cli.cli`)."""
 import json
 import os
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from launcher import launch as launch_mod
-from launcher.cli import main
+from ds_offload_cli import launch as launch_mod
+from ds_offload_cli.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def run_cli(*args, **kw):
 
 def subprocess_cli(*args, cwd=None, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=cwd or REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "ds_offload_cli.cli", *map(str, args)], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -99,10 +99,20 @@ def test_validate_malformed_json_as_subprocess(tmp_path):
 
 def test_validate_repo_configs():
     configs = sorted((REPO / "configs").glob("*.json"))
-    if not configs:
-        pytest.skip("configs/ not written yet")
-    res = run_cli("validate", *configs)
+    weights = [c for c in configs if "weights" in c.name]
+    res = run_cli("validate", *[c for c in configs if c not in weights])
     assert res.exit_code == 0, res.output
+    # Weight offload is not implemented: validate refuses what initialize refuses.
+    res = run_cli("validate", *weights)
+    assert res.exit_code == 1 and res.output.count("cpu_offloading.model.cpu_offloading_weights") == len(weights)
+
+
+def dry_run_config(output):
+    """The resolved config a --dry-run prints (between its 'resolved config:' and 'command:' lines)."""
+    lines = output.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("resolved config: "))
+    end = next(i for i, l in enumerate(lines) if l.startswith("command: "))
+    return json.loads("\n".join(lines[start + 1:end]))
 
 
 # ------------------------------------------------------------------------------------------ launch: help
@@ -138,7 +148,7 @@ def test_dry_run_passes_launcher_options_through_unchanged(tmp_path):
     assert cmd[4 + len(PASS_THROUGH):] == ["train.py", "--steps", "3", "--deepspeed_config", str(out.resolve()),
                                            "--lr=0.1"]
     assert f"resolved config: {out.resolve()}" in res.output
-    assert json.loads(out.read_text()) == GOOD
+    assert dry_run_config(res.output) == GOOD and not out.exists()  # a dry run writes nothing
 
 
 @pytest.mark.parametrize("form", ["--deepspeed_config {}", "--deepspeed_config={}", "--deepspeed-config {}",
@@ -149,7 +159,7 @@ def test_config_found_in_every_form(tmp_path, form):
     args = form.format(cfg).split(" ")
     res = run_cli("launch", "--dry-run", "--resolved-config", out, "s.py", *args, "zero_optimization.stage=2")
     assert res.exit_code == 0, res.output
-    assert json.loads(out.read_text())["zero_optimization"]["stage"] == 2
+    assert dry_run_config(res.output)["zero_optimization"]["stage"] == 2 and not out.exists()
     expected = form.format(out.resolve())
     assert expected in res.output  # the resolved path replaces the original, in the same form
 
@@ -164,7 +174,7 @@ def test_overrides_megatron_forms_and_values(tmp_path):
                   "zero_optimization.stage=2", "gradient_clipping=1.0", "communication_data_type=None",
                   "steps_per_print=10")
     assert res.exit_code == 0, res.output
-    r = json.loads(out.read_text())
+    r = dry_run_config(res.output)
     blk = r["cpu_offloading"]
     assert blk["optimizer"]["optimizer_cpu_offload"] is True
     assert blk["optimizer"]["optimizer_offload_fraction"] == 0.25
@@ -254,8 +264,8 @@ def test_launch_dry_run_as_subprocess(tmp_path):
                          "--deepspeed-config", cfg, "optimizer.optimizer_offload_fraction=0.75", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "deepspeed.launcher.runner --num_gpus 2 --include localhost:0,1 train.py --deepspeed-config" in res.stdout
-    path = Path(res.stdout.split("resolved config: ")[1].split()[0])
-    assert json.loads(path.read_text())["cpu_offloading"]["optimizer"]["optimizer_offload_fraction"] == 0.75
+    assert dry_run_config(res.stdout)["cpu_offloading"]["optimizer"]["optimizer_offload_fraction"] == 0.75
+    assert not (tmp_path / "ds_offload_runs").exists()
 
 
 def test_launch_refusal_as_subprocess(tmp_path):
@@ -267,6 +277,7 @@ def test_launch_refusal_as_subprocess(tmp_path):
     assert not (tmp_path / "ds_offload_runs").exists()
 
 
+@pytest.mark.slow
 def test_real_launch_passes_resolved_config_to_the_script(tmp_path):
     """DeepSpeed's launcher really starts the script (one local process) with the resolved config."""
     script = write(tmp_path, "show.py", "import sys, json\n"
@@ -359,7 +370,7 @@ def test_build_ops_help_says_what_it_does():
 
 
 def test_build_ops_when_cached():
-    from launcher.build_ops import op_cache_dir
+    from ds_offload_cli.build_ops import op_cache_dir
     d = op_cache_dir("cpu_adam")
     if not d or not list(Path(d).glob("*.so")):
         pytest.skip("cpu_adam not built on this machine (building takes ~60 s)")
@@ -391,6 +402,7 @@ def _example(tmp_path, script, ngpus, port, *extra, cfg=None):
 
 
 @pytest.mark.parametrize("stage,fraction,torch_opt", [(2, 1.0, True), (1, 0.5, False)])
+@pytest.mark.slow
 def test_train_gpt_two_ranks_match_one_rank(tmp_path, stage, fraction, torch_opt):
     """ZeRO-1/2 on two CPU ranks == one rank at the same global batch (within the 1e-3 criterion), with the
     hybrid optimizer on either backend (each rank offloads `fraction` of its own partition)."""
@@ -404,6 +416,7 @@ def test_train_gpt_two_ranks_match_one_rank(tmp_path, stage, fraction, torch_opt
     assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"])) < 1e-3
 
 
+@pytest.mark.slow
 def test_train_hf_runs(tmp_path):
     res = _example(tmp_path, "train_hf.py", 1, None)
     assert len(res["losses"]) == 3

@@ -13,9 +13,9 @@ import torch.nn as nn  # noqa: E402
 
 from ds_offload.activations import install_layer_offload  # noqa: E402
 from ds_offload.models import GPT, GPTConfig, synthetic_batch  # noqa: E402
-from ds_offload.offloader import ActivationOffloader  # noqa: E402
+from ds_offload.activations import ActivationOffloader  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu
 
 CFG = GPTConfig(vocab_size=1024, hidden=256, num_layers=4, num_heads=4, seq_len=256)
 SLEEP = 20_000_000  # GPU cycles, ~10 ms: far longer than any copy here
@@ -68,11 +68,12 @@ def _install(model, n, **kw):
 @pytest.mark.parametrize("n", [1, CFG.num_layers - 1])
 @pytest.mark.parametrize("double_buffering", [False, True])
 @pytest.mark.parametrize("retain", [False, True])
-@pytest.mark.parametrize("depth", [1, 2])
-def test_grads_bit_equal(reference, n, double_buffering, retain, depth):
+@pytest.mark.parametrize("prefetch_depth", [1, 2])
+def test_grads_bit_equal(reference, n, double_buffering, retain, prefetch_depth):
     batch, ref = reference
     m = _gpt()
-    h = _install(m, n, double_buffering=double_buffering, retain_pinned_buffers=retain, prefetch_depth=depth)
+    h = _install(m, n, double_buffering=double_buffering, retain_pinned_buffers=retain,
+                 prefetch_depth=prefetch_depth)
     try:
         for _ in range(2):  # the second step reuses retained / double buffers
             _step(m, batch)
@@ -89,7 +90,7 @@ def test_grads_bit_equal_copying_weight_casts(reference, n):
     batch, ref = reference
     m = _gpt()
     h = _install(m, n)
-    h.engine.recompute_weight_casts = False
+    h.copier.recompute_weight_casts = False
     try:
         _step(m, batch)
         assert _same(ref, _grads(m)) and h.stats()["tensors_recast_last_step"] == 0
@@ -162,11 +163,11 @@ def _delay(stream):
 
 
 def _delayed_fetch(h, skip_wait=False, poison=True):
-    eng = h.engine
-    fetch, unpack = eng.fetch, eng.unpack
+    copier = h.copier
+    fetch, unpack = copier.fetch, copier.unpack
 
     def slow_fetch(rec, buf=None):
-        side = eng.stream(rec.device, 1)
+        side = copier.stream(rec.device, 1)
         side.wait_stream(torch.cuda.current_stream())  # the delay starts here, so the poison
         _delay(side)  # below always lands before the copy does
         fetch(rec, buf)
@@ -178,9 +179,9 @@ def _delayed_fetch(h, skip_wait=False, poison=True):
             p.rec.waited = True
         return unpack(p)
 
-    eng.fetch = slow_fetch
+    copier.fetch = slow_fetch
     if skip_wait:
-        eng.unpack = no_wait_unpack
+        copier.unpack = no_wait_unpack
 
 
 def _stack_case(install_kw=None, patch=None, steps=1):
@@ -216,13 +217,13 @@ def test_race_negative_control_detects_missing_wait():
 
 def test_race_sources_live_until_copied_out():
     def slow_d2h(h):
-        eng = h.engine
-        copy_out = eng._copy_out
+        copier = h.copier
+        copy_out = copier._copy_out
 
         def slow(st, device, sess, group):
-            _delay(eng.stream(device, 0))
+            _delay(copier.stream(device, 0))
             return copy_out(st, device, sess, group)
-        eng._copy_out = slow
+        copier._copy_out = slow
 
     assert all(_stack_case(patch=slow_d2h, steps=2))
 
@@ -260,6 +261,7 @@ def test_peak_memory_drop(n):
     assert drop >= 0.9 * n * per_layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retain", [True, False])
 def test_no_pinned_growth_over_50_steps(retain):
     m = _gpt()
@@ -282,7 +284,7 @@ def test_no_pinned_growth_over_50_steps(retain):
 def test_fine_grained_context_and_manual_pair_on_gpu(reference):
     batch, ref = reference
     m = _gpt()
-    off = ActivationOffloader(offload_threshold_mb=0.05, prefetch_ahead=2)
+    off = ActivationOffloader(min_offload_bytes=int(0.05 * 2**20), prefetch_depth=2)
     with off.offload_context():
         _step(m, batch)
     assert _same(ref, _grads(m)) and off.stats()["tensors_offloaded_last_region"] > 0

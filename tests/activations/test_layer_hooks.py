@@ -1,21 +1,21 @@
-"""Layer-level activation offload on CPU: the real pack/unpack/prefetch logic, forced onto host copies.
+"""Layer-level activation offload on CPU (`ds_offload.activations.layer_hooks`), forced onto host copies.
 
 `offload_cpu_tensors=True` makes every saved CPU activation take the same trip as a CUDA one
 (a separate host copy, reloaded into a separate buffer), so bit-equal gradients here mean the
-bookkeeping (views, shared storages, lifetimes, prefetch order) is right; the GPU file adds streams.
+bookkeeping (lifetimes, sessions, prefetch order and memory rule) is right; `test_copier.py` covers
+what is packed (views, shared storages, host buffers, weight casts), the GPU file adds streams.
 """
-import copy
-import weakref
 import warnings
+import weakref
 
 import pytest
 import torch
-import torch.nn as nn
 
-from ds_offload.activations import install_layer_offload, layer_offload_installed
+from ds_offload.activations import ActivationOffloader, install_layer_offload, layer_offload_installed
+from ds_offload.activations import layer_hooks as A
+from ds_offload.activations.copier import SavedTensorCopier
 from ds_offload.errors import ConfigError
 from ds_offload.models import GPT, GPTConfig, synthetic_batch
-from ds_offload.offloader import ActivationOffloader, _HostPool, _Recast
 
 CFG = GPTConfig(vocab_size=256, hidden=32, num_layers=4, num_heads=4, seq_len=16)
 
@@ -95,117 +95,6 @@ def test_transformers_grads_bit_equal(family, handles):
     off(input_ids=ids, labels=ids).loss.backward()
     _assert_equal_grads(ref, off)
     assert h.stats()["tensors_offloaded_last_step"] > 0 and h.stats()["records_alive"] == 0
-
-
-def _spy_copies(handle):
-    """Record every storage the engine copies out (tensor bytes and storage address)."""
-    seen, eng = [], handle.engine
-    orig = eng._copy_out
-
-    def spy(st, device, sess, group):
-        seen.append((st.data_ptr(), st.nbytes(), group))
-        return orig(st, device, sess, group)
-
-    eng._copy_out = spy
-    return seen
-
-
-def test_parameters_never_offloaded(handles):
-    m = _gpt()
-    h = _install(m.blocks, 3)
-    handles.append(h)
-    seen = _spy_copies(h)
-    x, y = synthetic_batch(CFG, 2)
-    m(x, y).backward()
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    assert seen and not params & {s[0] for s in seen}
-
-
-def test_min_offload_bytes_threshold(handles):
-    m = _gpt()
-    limit = 2 * 16 * 32 * 4 + 1  # bigger than every (batch, seq, hidden) fp32 activation, not the MLP's
-    h = _install(m.blocks, 3, min_offload_bytes=limit)
-    handles.append(h)
-    sizes = []
-    orig = h.engine.wants
-    h.engine.wants = lambda t: sizes.append(t.numel() * t.element_size()) or orig(t)
-    x, y = synthetic_batch(CFG, 2)
-    m(x, y).backward()
-    off = h.stats()["tensors_offloaded_last_step"]
-    assert 0 < off < len(sizes)
-    h.engine.min_bytes = 1 << 30
-    m(x, y).backward()
-    assert h.stats()["tensors_offloaded_last_step"] == 0
-
-
-class _Views(nn.Module):
-    """Saves several views of one storage, a transpose, and goes through in-place ops."""
-
-    def __init__(self, d=32):
-        super().__init__()
-        self.fc = nn.Linear(d, 3 * d)
-
-    def forward(self, x):
-        q, k, v = self.fc(x).chunk(3, dim=-1)  # three views of one storage, all saved by mul/matmul
-        h = (q * k).relu_()  # relu_ saves its own output, written in place over mul's
-        h = h * 0.5
-        h.add_(1.0)  # in place on a tensor nobody saved
-        return x + torch.tanh(h @ v.transpose(-1, -2) @ v)
-
-
-def test_shared_storage_views_and_in_place(handles):
-    torch.manual_seed(0)
-    ref = nn.Sequential(_Views(), _Views())
-    off = copy.deepcopy(ref)
-    x = torch.randn(2, 8, 32, requires_grad=True)
-    ref(x).sum().backward()
-    h = _install(list(off), 2)
-    handles.append(h)
-    seen = _spy_copies(h)
-    x2 = x.detach().clone().requires_grad_()
-    off(x2).sum().backward()
-    _assert_equal_grads(ref, off)
-    assert torch.equal(x.grad, x2.grad)
-    fc_out = 2 * 8 * 96 * 4  # the one storage behind q, k and v, saved four times per layer
-    assert [g for _, n, g in seen if n == fc_out] == [0, 1]  # moved once per layer
-
-
-def test_tensor_saved_by_two_layers(handles):
-    """A tensor that a later layer saves again stays one record and reloads correctly."""
-
-    class UsesShared(nn.Module):
-        def __init__(self, shared):
-            super().__init__()
-            self.lin, self.shared = nn.Linear(16, 16), shared
-
-        def forward(self, x):
-            return x * self.shared[0] + self.lin(x)
-
-    base = torch.randn(4, 16, requires_grad=True)
-    holder = [None]
-    torch.manual_seed(0)
-    layers = nn.ModuleList(UsesShared(holder) for _ in range(3))
-    torch.manual_seed(0)
-    ref_layers = nn.ModuleList(UsesShared(holder) for _ in range(3))
-
-    def forward(ls):
-        holder[0] = torch.sin(base)  # saved by every layer's mul
-        x = base
-        for layer in ls:
-            x = layer(x)
-        return x.sum()
-
-    forward(ref_layers).backward()
-    g_ref = base.grad.clone()
-    base.grad = None
-    h = _install(list(layers), 3)
-    handles.append(h)
-    seen = _spy_copies(h)
-    forward(layers).backward()
-    assert torch.equal(base.grad, g_ref)
-    _assert_equal_grads(ref_layers, layers)
-    shared = holder[0].untyped_storage().data_ptr()  # alive all along: its address is its own
-    assert [g for p, _, g in seen if p == shared] == [0]  # one record, owned by the first layer
 
 
 def test_gradient_accumulation(handles):
@@ -292,17 +181,17 @@ def test_retain_graph_backward_twice(handles):
     _assert_equal_grads(ref, off)
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_prefetch_order_and_memory_budget(depth, handles):
+@pytest.mark.parametrize("prefetch_depth", [1, 2])
+def test_prefetch_order_and_memory_budget(prefetch_depth, handles):
     """Groups come back in backward order; each before it is used; lookahead as designed."""
     m = _gpt()
-    h = _install(m.blocks, 3, prefetch_depth=depth)
+    h = _install(m.blocks, 3, prefetch_depth=prefetch_depth)
     handles.append(h)
     events = []
-    eng = h.engine
-    fetch_group, unpack = eng.fetch_group, eng.unpack
-    eng.fetch_group = lambda sess, g: events.append(("fetch", g)) or fetch_group(sess, g)
-    eng.unpack = lambda p: events.append(("use", getattr(p, "rec", None) and p.rec.group)) or unpack(p)
+    copier = h.copier
+    fetch_group, unpack = copier.fetch_group, copier.unpack
+    copier.fetch_group = lambda sess, g: events.append(("fetch", g)) or fetch_group(sess, g)
+    copier.unpack = lambda p: events.append(("use", getattr(p, "rec", None) and p.rec.group)) or unpack(p)
     x, y = synthetic_batch(CFG, 2)
     m(x, y).backward()
     fetches = [g for kind, g in events if kind == "fetch"]
@@ -310,33 +199,8 @@ def test_prefetch_order_and_memory_budget(depth, handles):
     for g in range(3):
         first_use = next(i for i, e in enumerate(events) if e == ("use", g))
         assert events.index(("fetch", g)) < first_use
-    # Backward reached layer 3 (not offloaded) first: it fetches `depth` layers ahead at once.
-    assert events[:depth] == [("fetch", 2), ("fetch", 1)][:depth]
-
-
-def test_retained_host_buffers_are_reused(handles):
-    m = _gpt()
-    h = _install(m.blocks, 3, retain_pinned_buffers=True)
-    handles.append(h)
-    pool = h.engine.pool
-    x, y = synthetic_batch(CFG, 2)
-    for _ in range(3):
-        before = sum(len(v) for v in pool.free.values())
-        m(x, y).backward()
-    assert before > 0
-    pooled = sum(len(v) for v in pool.free.values())
-    assert pooled == before  # steady state: every buffer taken from the pool went back to it
-
-
-def test_pinned_failure_falls_back_with_one_warning():
-    pool = _HostPool(pin=True, retain=False)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        bufs = [pool.get(1024)[0] for _ in range(3)]
-    if torch.cuda.is_available():
-        pytest.skip("pinned memory works here")
-    assert len([x for x in w if "pageable" in str(x.message)]) == 1
-    assert all(b.numel() == 1024 and not b.is_pinned() for b in bufs)
+    # Backward reached layer 3 (not offloaded) first: it fetches `prefetch_depth` layers ahead at once.
+    assert events[:prefetch_depth] == [("fetch", 2), ("fetch", 1)][:prefetch_depth]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU no-op path")
@@ -388,42 +252,9 @@ def test_fine_grained_context_refused_under_layer_offload(handles):
         pass
 
 
-def test_autocast_weight_casts_are_recast_not_copied(handles):
-    """Under autocast the bf16 weight copies are recomputed from the parameter: exact, no copy."""
-    ref, off = _gpt(), _gpt()
-    x, y = synthetic_batch(CFG, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ref(x, y)
-    loss.backward()
-    h = _install(off.blocks, 3)
-    handles.append(h)
-    considered, wants = [], h.engine.wants
-    h.engine.wants = lambda t: considered.append(_Recast.of(t, 0)) or wants(t)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = off(x, y)
-    assert h.stats()["tensors_recast_last_step"] > 0
-    loss.backward()
-    _assert_equal_grads(ref, off)
-    assert considered and all(r is None for r in considered)  # no bf16 weight copy went out
-
-
-def test_recast_refuses_a_parameter_changed_before_backward(handles):
-    m = _gpt()
-    handles.append(_install(m.blocks, 2))
-    x, y = synthetic_batch(CFG, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = m(x, y)
-    with torch.no_grad():
-        m.blocks[0].fc1.weight.add_(1.0)
-    with pytest.raises(RuntimeError, match="changed in place between forward and backward"):
-        loss.backward()
-
-
 def test_throttle_bounds_copies_in_flight(monkeypatch):
     """The forward waits for old copies only when too many bytes are in flight (CUDA-only path,
     driven here with stand-in events)."""
-    from ds_offload import activations as A
-
     class Ev:
         def __init__(self, done):
             self.done = done
@@ -436,15 +267,15 @@ def test_throttle_bounds_copies_in_flight(monkeypatch):
 
     waits = []
     monkeypatch.setattr(A, "_wait", lambda device, ev: waits.append(ev))
-    eng = A._Engine(0, False, False)
-    sess = A._LayerSession(eng, num_groups=15, num_layers=16)
-    eng.bytes_this_pass = 5 * 100  # five offloaded layers of 100 bytes so far
+    copier = SavedTensorCopier(0, False, False)
+    sess = A._LayerSession(copier, num_groups=15, num_layers=16)
+    copier.bytes_this_pass = 5 * 100  # five offloaded layers of 100 bytes so far
     events = [Ev(i == 0) for i in range(5)]
     sess.pending = [(ev, torch.empty(0), Rec()) for ev in events]
     sess.throttle(5)  # 16 - 14 = 2 layers may be in flight: the first is done, wait for the 3rd
     assert waits == [events[2]] and len(sess.pending) == 2
-    sess = A._LayerSession(eng, num_groups=4, num_layers=16)
-    eng.bytes_this_pass = 4 * 100
+    sess = A._LayerSession(copier, num_groups=4, num_layers=16)
+    copier.bytes_this_pass = 4 * 100
     sess.pending = [(Ev(False), torch.empty(0), Rec()) for _ in range(4)]
     waits.clear()
     sess.throttle(4)  # 12 layers still to run: nothing to wait for
@@ -455,14 +286,12 @@ def test_throttle_bounds_copies_in_flight(monkeypatch):
 
 def test_prefetch_goes_ahead_only_under_the_end_of_forward_memory(monkeypatch):
     """The CUDA-only memory rule, driven with a stand-in allocator reading."""
-    from ds_offload import activations as A
-
     class Rec:
         nbytes, gpu, src = 100, None, None
 
     recs = [Rec() for _ in range(4)]  # kept alive: the session holds weak references
-    eng = A._LayerEngine(0, False, False)
-    sess = A._LayerSession(eng, num_groups=4, num_layers=16, depth=1)
+    copier = A.LayerCopier(0, False, False)
+    sess = A._LayerSession(copier, num_groups=4, num_layers=16, prefetch_depth=1)
     for g, r in enumerate(recs):
         sess.groups[g].append(weakref.ref(r))
     sess.drained, sess.device, sess.mem_limit = True, "cuda:0", 1000
@@ -472,15 +301,15 @@ def test_prefetch_goes_ahead_only_under_the_end_of_forward_memory(monkeypatch):
         fetched.append(g)
         allocated[0] += 100
 
-    eng.fetch_group = fetch_group
+    copier.fetch_group = fetch_group
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[0])
     sess.on_backward_layer(15)  # head gradients: above the limit, and layer 3 is 12 layers away
     assert fetched == []
     allocated[0] = 750  # finished layers freed room for two fetches, not three
     sess.on_backward_layer(13)
     assert fetched == [3, 2] and allocated[0] == 950
-    sess.on_backward_layer(3)  # depth wants layer 2 (here already); layer 1 must wait for room
+    sess.on_backward_layer(3)  # prefetch_depth wants layer 2 (here already); layer 1 must wait for room
     assert fetched == [3, 2]
     allocated[0] = 800
-    sess.on_backward_layer(2)  # depth forces 1; room for 0 as well
+    sess.on_backward_layer(2)  # prefetch_depth forces 1; room for 0 as well
     assert fetched == [3, 2, 1, 0]

@@ -7,9 +7,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from ds_offload import ConfigError, check_config, load_config
-from ds_offload.config import fill_defaults, load_schema, read_json
+from ds_offload.config import OffloadConfig, load_schema, read_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def block(model=None, optimizer=None, **top):
@@ -42,7 +42,7 @@ def test_schema_is_valid_draft_2020_12_and_describes_every_key():
 
 
 def test_defaults_match_megatron_bridge():
-    cfg = load_config({"cpu_offloading": {}})["cpu_offloading"]
+    cfg = load_config({"cpu_offloading": {}}).block()
     assert cfg["model"] == {
         "cpu_offloading": False, "cpu_offloading_num_layers": 0, "cpu_offloading_activations": True,
         "cpu_offloading_weights": False, "cpu_offloading_double_buffering": False,
@@ -118,18 +118,27 @@ def test_model_gradient_checkpointing_refused():
     assert "activation recomputation is enabled" in errors_of(cfg, gradient_checkpointing=True)[0][1]
 
 
-@pytest.mark.parametrize("top", [{"hybrid_engine": {"enable_cuda_graph": True}},
-                                 {"compile": {"enabled": True, "kwargs": {"mode": "reduce-overhead"}}},
-                                 {"compile": {"enabled": True, "kwargs": {"options": {"triton.cudagraphs": True}}}}])
-def test_cuda_graphs_refused(top):
-    cfg = block(model={"cpu_offloading": True, "cpu_offloading_num_layers": 1}, **top)
+def test_cuda_graphs_refused():
+    cfg = block(model={"cpu_offloading": True, "cpu_offloading_num_layers": 1},
+                hybrid_engine={"enable_cuda_graph": True})
     assert "CUDA graphs not supported with CPU offloading." in errors_of(cfg)[0][1]
+
+
+def test_cuda_graph_rule_reads_only_what_deepspeed_accepts():
+    """DeepSpeed 0.19's CompileConfig forbids extra keys and has no torch.compile mode: a rule on
+    compile.kwargs could never fire on a config DeepSpeed runs, so there is none."""
+    from deepspeed.compile.config import CompileConfig
+    from deepspeed.runtime.config import HybridEngineConfig
+    assert "kwargs" not in CompileConfig.model_fields and "mode" not in CompileConfig.model_fields
+    assert "enable_cuda_graph" in HybridEngineConfig.model_fields
+    with pytest.raises(Exception):
+        CompileConfig(kwargs={"mode": "reduce-overhead"})
 
 
 def test_cuda_graphs_allowed_with_optimizer_offload_only():
     cfg = block(optimizer={"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5},
                 hybrid_engine={"enable_cuda_graph": True})
-    load_config(cfg)
+    assert load_config(cfg).optimizer.optimizer_offload_fraction == 0.5
 
 
 def test_fine_grained_refused():
@@ -177,15 +186,20 @@ def test_top_level_typo_warns_with_did_you_mean():
 
 
 def test_block_off_is_just_defaults():
-    assert fill_defaults({}) == load_config({"cpu_offloading": {}})["cpu_offloading"]
+    assert OffloadConfig().block() == load_config({"cpu_offloading": {}}).block() == load_config({}).block()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
+    cfg = json.loads(path.read_text())
+    if cfg.get("cpu_offloading", {}).get("model", {}).get("cpu_offloading_weights"):
+        # Weight offload is not implemented: validation refuses what initialize would refuse.
+        errs = errors_of(str(path), model_layers=16)
+        assert [p for p, _ in errs] == ["cpu_offloading.model.cpu_offloading_weights"]
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_config(str(path), model_layers=16)
-    cfg = json.loads(path.read_text())
     if "cpu_offloading" in cfg:
         assert cfg["$schema"] == "../schemas/cpu_offloading.schema.json"
 

@@ -1,4 +1,4 @@
-"""`ds-offload demo --steps 3` on CPU, and the demo's table logic."""
+"""`ds-offload demo --steps 3` on CPU, and the demo's table logic (ds_offload_cli.demo_run)."""
 import json
 import math
 import os
@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ds_offload import demo as D
+import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from ds_offload.config import load_config
+from ds_offload_cli import demo_run as D
+
+REPO = Path(__file__).resolve().parents[2]
 
 # Optimizer split on the CPU (torch's AdamW for the CPU share, so CI does not compile DeepSpeed's op) and
 # activation offload (a no-op without CUDA, with one warning).
@@ -25,6 +28,7 @@ DEMO_CONFIG = {
 }
 
 
+@pytest.mark.slow
 def test_demo_three_steps_on_cpu(tmp_path):
     cfg = tmp_path / "demo.json"
     cfg.write_text(json.dumps(DEMO_CONFIG))
@@ -32,7 +36,7 @@ def test_demo_three_steps_on_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # the demo sets up its own process group
         env.pop(k, None)
-    res = subprocess.run([sys.executable, "-m", "launcher.cli", "demo", "--steps", "3", "--config", str(cfg),
+    res = subprocess.run([sys.executable, "-m", "ds_offload_cli.cli", "demo", "--steps", "3", "--config", str(cfg),
                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     text = res.stdout + res.stderr
     assert "final loss" in res.stdout and "max |loss delta|" in res.stdout, text[-4000:]
@@ -69,14 +73,13 @@ def test_table_pass_fail_and_nan():
 
 
 def test_model_is_deep_enough_for_the_config():
-    _, cfg = D.model_for({"cpu_offloading": {"model": {"cpu_offloading_num_layers": 6}}}, "tiny-gpt")
+    _, cfg = D.model_for(load_config({"cpu_offloading": {"model": {"cpu_offloading_num_layers": 6}}}), "tiny-gpt")
     assert cfg.num_layers == 7
-    _, cfg = D.model_for({}, "tiny-gpt")
+    _, cfg = D.model_for(load_config({}), "tiny-gpt")
     assert cfg.num_layers == 4
 
 
 def test_plot_writes_png(tmp_path):
-    import pytest
     pytest.importorskip("matplotlib")
     path = D.plot(_run([3.0, 2.5, 2.0], "no offload"), _run([3.0, 2.5, 2.0], "with x"), "x.json", tmp_path / "p.png")
     assert Path(path).stat().st_size > 1000

@@ -1,28 +1,26 @@
-"""The demo: the embedded GPT trained twice on the same synthetic data, without offload and with a config.
+"""`ds-offload demo`'s runner: the embedded GPT trained twice on the same synthetic data, without offload and with a config.
 
 Both runs go through `ds_offload.initialize` (the baseline with the `cpu_offloading` block removed, which is
 plain DeepSpeed), start from the same weights and see the same batches, so their losses should agree within
 the Megatron Bridge criterion (max delta < 1e-3) while the offloaded run uses less GPU memory.
 """
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 import os
-import socket
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LOSS_CRITERION = 1e-3
 
-# The demo models: tiny on CPU (seconds), small on a GPU (memory differences become visible).
-DEMO_MODELS = {
-    "tiny-gpt": dict(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32),
-    "small-gpt": dict(vocab_size=32000, hidden=1024, num_layers=8, num_heads=16, seq_len=1024),
-    "reference-gpt": dict(vocab_size=32000, hidden=2048, num_layers=16, num_heads=16, seq_len=2048),
-}
+# The demo models (shapes in ds_offload.models.GPT_SHAPES): tiny on CPU (seconds), small on a GPU (memory
+# differences become visible).
+DEMO_MODELS = ("tiny-gpt", "small-gpt", "reference-gpt")
 
 
 @dataclass
@@ -70,22 +68,10 @@ def rss_bytes():
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _free_port():
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_single_process_env():
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for a one-process run when no launcher set them."""
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
 def init_distributed():
     import torch
     import deepspeed
+    from ds_offload.single_process import ensure_single_process_env
     if not torch.distributed.is_initialized():
         ensure_single_process_env()
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
@@ -115,7 +101,7 @@ def train(model_cfg, config, steps, label, seed=0, progress=None):
     torch.manual_seed(seed)
     model = GPT(model_cfg)
     engine, _, _, _ = ds_offload.initialize(model=model, model_parameters=model.parameters(), config=config)
-    res = RunResult(label=label, summary=getattr(getattr(engine, "ds_offload", None), "summary", lambda: "")())
+    res = RunResult(label=label, summary=engine.ds_offload.summary())
     gas, mb = engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -143,13 +129,9 @@ def train(model_cfg, config, steps, label, seed=0, progress=None):
             if progress:
                 progress(res)
     finally:
-        state = getattr(engine, "ds_offload", None)
-        if state is not None and hasattr(state, "remove"):
-            state.remove()
-        opt = getattr(state, "optimizer", None)
-        if opt is not None and hasattr(opt, "close"):
-            with contextlib.suppress(Exception):
-                opt.close()
+        engine.ds_offload.remove()
+        with contextlib.suppress(Exception):  # teardown must not hide the run's own outcome
+            engine.ds_offload.close()          # the hooks are gone already: this stops the CPU optimizer
         del engine, model
         gc.collect()
         if cuda:
@@ -158,20 +140,22 @@ def train(model_cfg, config, steps, label, seed=0, progress=None):
 
 
 def load_demo_config(path):
-    from .config import read_json
-    return read_json(path)
+    """The config as an OffloadConfig (ConfigError if invalid); its warnings come once, from the offloaded run."""
+    from ds_offload.config import load_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_config(path)
 
 
 def model_for(config, name=None):
     """The demo GPT: `name` from DEMO_MODELS (default tiny on CPU, small on a GPU), deep enough for the
-    config's cpu_offloading_num_layers (offloading needs at least one layer left on the GPU)."""
+    config's (an OffloadConfig) cpu_offloading_num_layers (offloading needs at least one layer left on the GPU)."""
     import torch
-    from .models import GPTConfig
+    from ds_offload.models import GPT_SHAPES
     name = name or ("small-gpt" if torch.cuda.is_available() else "tiny-gpt")
-    kw = dict(DEMO_MODELS[name])
-    n = int((((config.get("cpu_offloading") or {}).get("model") or {}).get("cpu_offloading_num_layers") or 0))
-    kw["num_layers"] = max(kw["num_layers"], n + 1)
-    return name, GPTConfig(**kw)
+    shape = GPT_SHAPES[name]
+    n = int(config.model.cpu_offloading_num_layers)
+    return name, dataclasses.replace(shape, num_layers=max(shape.num_layers, n + 1))
 
 
 def compare(base, off):
@@ -243,16 +227,15 @@ def plot(base, off, config_name, path):
 
 def run_demo(config_path, steps=30, out="out/demo", model=None, echo=print, progress_factory=None):
     """Both runs, the table and the plot; returns a dict (also saved as demo.json in `out`)."""
-    import copy
     quiet_deepspeed()
     config = load_demo_config(config_path)
     name, model_cfg = model_for(config, model)
-    base_cfg = {k: v for k, v in copy.deepcopy(config).items() if k != "cpu_offloading"}
+    base_cfg = config.deepspeed_config()
     cfg_name = Path(config_path).name
     echo(f"demo: {name} ({model_cfg.num_layers} layers, hidden {model_cfg.hidden}, seq {model_cfg.seq_len}), "
          f"{steps} steps, synthetic data; config {config_path}")
     results = []
-    for label, cfg in (("no offload", base_cfg), (f"with {cfg_name}", config)):
+    for label, cfg in (("no offload", base_cfg), (f"with {cfg_name}", str(config_path))):
         if progress_factory:
             with progress_factory(label, steps) as bar:
                 r = train(model_cfg, cfg, steps, label, progress=bar)

@@ -9,11 +9,13 @@ one flat partition, and whole-tensor splitting would offload all or nothing.
 
 Offloaded pieces are packed into flat CPU buckets (fp32 master, gradient, two moments) in the order the
 gradients arrive, so one transfer moves many small tensors; a bucket closes once it holds
-``bucket_numel`` elements. State dicts always describe whole parameters, in torch.optim.AdamW's format,
-so they load under any fraction, into plain AdamW, and with ``torch.load(weights_only=True)``.
+``bucket_numel`` elements. State dicts describe whole parameters (see state.py).
+
+Building a layout takes these steps, each a function below: ``plan_layout`` (the split, the buckets and
+the lookup tables, no memory yet), ``pick_worker_mode`` (where the CPU step runs),
+``fit_worker_mode_to_shared_memory`` (the /dev/shm probe; those two live in cpu_adam), then
+``allocate_layout`` (host buffers and device state, registered with the CPU Adam backend).
 """
-import os
-import threading
 import weakref
 
 import torch
@@ -29,9 +31,19 @@ class Piece:
                  "exp_avg_sq", "step", "step_t")
 
     def __init__(self, gi, index, param, start, end, on_cpu):
-        self.gi, self.index, self.param, self.start, self.end, self.on_cpu = gi, index, param, start, end, on_cpu
-        self.bucket = self.offset = self.master = self.exp_avg = self.exp_avg_sq = self.step_t = None
-        self.step = 0  # CPU pieces count steps on the host; device pieces in ``step_t`` (fused kernels bump it)
+        self.gi = gi  # gi => index of the param group the parameter belongs to
+        self.index = index  # index => the parameter's position over all groups (its key in state dicts)
+        self.param = param  # param => the parameter this piece is a flat slice of
+        self.start = start  # start => first element of the slice in param.view(-1)
+        self.end = end  # end => one past the last element of the slice
+        self.on_cpu = on_cpu  # on_cpu => stepped on the CPU (in a bucket) rather than on the param's device
+        self.bucket = None  # bucket => the Bucket holding this CPU piece's buffers; None for device pieces
+        self.offset = None  # offset => where the piece starts inside its bucket's flat buffers (CPU pieces)
+        self.master = None  # master => fp32 master elements (a bucket view, the param itself, or an fp32 copy)
+        self.exp_avg = None  # exp_avg => Adam's first moment, same place and length as master
+        self.exp_avg_sq = None  # exp_avg_sq => Adam's second moment, same place and length as master
+        self.step = 0  # step => steps taken by a CPU piece, counted on the host
+        self.step_t = None  # step_t => steps taken by a device piece: a 0-d fp32 tensor the fused kernel reads
 
     @property
     def numel(self):
@@ -58,15 +70,20 @@ class Bucket:
     """Flat CPU buffers for a run of offloaded pieces, plus the events that order their transfers."""
 
     def __init__(self, bid, pieces):
-        self.id, self.pieces = bid, pieces
-        self.numel = sum(p.numel for p in pieces)
-        self.master = self.grad = self.exp_avg = self.exp_avg_sq = None
-        self.d2h_event = self.h2d_event = None
-        self.copied = None  # per piece: (weakref to the grad copied, its version) when the copy was issued
-        self.seen = set()  # params whose gradient arrived since the last copy (backward hooks)
-        self.num_params = len({id(p.param) for p in pieces})
-        self.future = None
-        self.early = False  # stepped from the backward hook (step_in_backward)
+        self.id = bid  # id => position in Layout.buckets, also the bucket's id in the CPU Adam backend
+        self.pieces = pieces  # pieces => the CPU pieces packed here, in gradient-arrival order
+        self.numel = sum(p.numel for p in pieces)  # numel => elements in each of the four flat buffers
+        self.master = None  # master => flat fp32 masters on the host (pinned or shared per the options)
+        self.grad = None  # grad => flat fp32 host copy of the pieces' gradients, filled by the D2H copy
+        self.exp_avg = None  # exp_avg => flat first moments on the host
+        self.exp_avg_sq = None  # exp_avg_sq => flat second moments on the host
+        self.d2h_event = None  # d2h_event => CUDA event recorded once the gradient copy is issued; None on host
+        self.h2d_event = None  # h2d_event => CUDA event recorded once updated masters are back in the params
+        self.copied = None  # copied => per piece: (weakref to the grad copied, its version) when the copy was issued
+        self.seen = set()  # seen => ids of params whose gradient arrived since the last copy (backward hooks)
+        self.num_params = len({id(p.param) for p in pieces})  # num_params => distinct params among the pieces
+        self.future = None  # future => the worker thread's Future of this bucket's CPU step while in flight
+        self.early = False  # early => stepped from the backward hook (step_in_backward), not yet by step()
 
     def buffers(self):
         return self.master, self.grad, self.exp_avg, self.exp_avg_sq
@@ -86,6 +103,52 @@ class Bucket:
     def mark_copied(self):
         self.copied = [None if pc.param.grad is None else (weakref.ref(pc.param.grad), pc.param.grad._version)
                        for pc in self.pieces]
+
+
+class Layout:
+    """The split of one set of param groups: pieces, buckets and the tables that find them."""
+
+    def __init__(self, key):
+        self.key = key  # key => ids of the params (all groups, in order) the layout was built for
+        self.pieces = []  # pieces => every Piece, in split order (last parameter first)
+        self.buckets = []  # buckets => the CPU buckets, in gradient-arrival order
+        self.device_pieces = []  # device_pieces => pieces stepped on the params' device
+        self.pieces_by_index = {}  # pieces_by_index => param index -> its pieces (one, or two when split)
+        self.params_by_index = {}  # params_by_index => param index -> the parameter
+        self.param_buckets = {}  # param_buckets => id(param) -> the buckets holding its CPU pieces
+        self.total = 0  # total => trainable elements over all groups
+        self.cpu_numel = 0  # cpu_numel => elements stepped on the CPU: round(fraction * total)
+        self.owns_model_params = False  # owns_model_params => every piece is of a param the optimizer was built with
+        self.on_cuda = False  # on_cuda => some offloaded piece's param lives on a CUDA device (copies go over streams)
+        self.versions = {}  # versions => id(param) -> its _version when masters last matched it
+
+
+def plan_layout(key, param_groups, fraction, bucket_numel, model_param_ids):
+    """The split, the buckets and the lookup tables; allocates nothing."""
+    lay = Layout(key)
+    lay.pieces, lay.total = plan_split(param_groups, fraction)
+    cpu_pieces = [pc for pc in lay.pieces if pc.on_cpu]
+    lay.device_pieces = [pc for pc in lay.pieces if not pc.on_cpu]
+    lay.cpu_numel = sum(pc.numel for pc in cpu_pieces)
+    lay.owns_model_params = all(id(pc.param) in model_param_ids for pc in lay.pieces)
+    lay.on_cuda = any(pc.param.is_cuda for pc in cpu_pieces)
+    lay.buckets = make_buckets(cpu_pieces, bucket_numel)
+    for b in lay.buckets:
+        for pc in b.pieces:
+            lay.param_buckets.setdefault(id(pc.param), []).append(b)
+    for pc in lay.pieces:
+        lay.pieces_by_index.setdefault(pc.index, []).append(pc)
+        lay.params_by_index[pc.index] = pc.param
+    return lay
+
+
+def allocate_layout(lay, backend, pin_params, pin_grads, shared):
+    """Host buffers of every bucket (registered with ``backend``) and the state of every device piece."""
+    for b in lay.buckets:
+        allocate_bucket(b, pin_params, pin_grads, shared)
+        backend.register(b.buffers())
+    for pc in lay.device_pieces:
+        allocate_device_piece(pc)
 
 
 def plan_split(groups, fraction):
@@ -129,15 +192,6 @@ def make_buckets(cpu_pieces, bucket_numel=BUCKET_NUMEL):
     return buckets
 
 
-def shared_memory_fits(nbytes, path="/dev/shm"):
-    """Whether ``nbytes`` of shared tensors fit: past the mount's size, touching them is a SIGBUS, not an error."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return True  # no /dev/shm mount to run out of (torch then uses other shared memory)
-    return st.f_bavail * st.f_frsize >= nbytes + (256 << 20)
-
-
 def _host_buffer(numel, pin, shared):
     t = torch.zeros(numel, dtype=torch.float32)
     if shared:
@@ -165,8 +219,6 @@ def allocate_bucket(bucket, pin_params, pin_grads, shared):
         pc.exp_avg_sq = bucket.exp_avg_sq[off:off + pc.numel]
         pc.master.copy_(pc.param_view())
         off += pc.numel
-    bucket.done = threading.Event()
-    bucket.done.set()
 
 
 def allocate_device_piece(pc):
@@ -185,47 +237,8 @@ def unregister_host_buffers(buckets):
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
-def gather_state(pieces_by_index, params_by_index):
-    """Whole-parameter AdamW state (CPU tensors) from the pieces; the master only where it is not the param."""
-    state = {}
-    for idx, pieces in pieces_by_index.items():
-        p = params_by_index[idx]
-        m = torch.zeros(p.numel(), dtype=torch.float32)
-        v = torch.zeros_like(m)
-        master = torch.empty_like(m) if p.dtype != torch.float32 else None
-        for pc in pieces:
-            m[pc.start:pc.end].copy_(pc.exp_avg)
-            v[pc.start:pc.end].copy_(pc.exp_avg_sq)
-            if master is not None:
-                master[pc.start:pc.end].copy_(pc.master)
-        entry = {"step": torch.tensor(float(pieces[0].steps_taken())), "exp_avg": m.view(p.shape),
-                 "exp_avg_sq": v.view(p.shape)}
-        if master is not None:
-            entry["master"] = master.view(p.shape)
-        state[idx] = entry
-    return state
-
-
-def scatter_state(pieces_by_index, state):
-    """Load whole-parameter AdamW state into the pieces; parameters absent from ``state`` start fresh."""
-    for idx, pieces in pieces_by_index.items():
-        entry = state.get(idx)
-        for pc in pieces:
-            if entry is None:
-                pc.exp_avg.zero_()
-                pc.exp_avg_sq.zero_()
-                pc.set_steps(0)
-                continue
-            pc.exp_avg.copy_(entry["exp_avg"].reshape(-1)[pc.start:pc.end])
-            pc.exp_avg_sq.copy_(entry["exp_avg_sq"].reshape(-1)[pc.start:pc.end])
-            pc.set_steps(float(entry["step"]))
-            if pc.param.dtype != torch.float32:  # fp32 params are their own master
-                master = entry.get("master")
-                pc.master.copy_(pc.param_view() if master is None else master.reshape(-1)[pc.start:pc.end])
-
-
 def bucket_runs(b, param_groups):
-    """Contiguous ranges of bucket ``b`` sharing a group and a step count (see cpu_adam_worker), pieces
+    """Contiguous ranges of bucket ``b`` sharing a group and a step count (see cpu_adam), pieces
     without a gradient left out as torch does; counts their step."""
     runs = []
     for pc in b.pieces:

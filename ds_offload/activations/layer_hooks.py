@@ -14,16 +14,24 @@ lives exactly as long as autograd holds a packed handle to it: backward frees it
 a forward without backward frees it with the graph, and nothing leaks across steps.
 """
 import warnings
+import weakref
 
 import torch
 
-from .offloader import _LAYER_HANDLES, _Engine, _in_backward, _Session, _wait, layer_offload_installed
+from .copier import SavedTensorCopier, _in_backward, _Session, _wait
 
 __all__ = ["install_layer_offload", "LayerOffloadHandle", "layer_offload_installed"]
 
+_LAYER_HANDLES = weakref.WeakSet()  # _LAYER_HANDLES => every LayerOffloadHandle not yet collected
+
+
+def layer_offload_installed():
+    """True while any layer-level handle is installed; the fine-grained API refuses to nest in it."""
+    return any(h.installed for h in list(_LAYER_HANDLES))
+
 
 class _LayerSession(_Session):
-    """A forward pass over the layers: throttles copies out, prefetches by depth and memory."""
+    """A forward pass over the layers: throttles copies out, prefetches by `prefetch_depth` and by memory."""
 
     def throttle(self, j):
         """Before layer `j`: bound the copies still in flight, whose sources hold GPU memory.
@@ -35,9 +43,9 @@ class _LayerSession(_Session):
         """
         self.poll()
         n, total = self.num_groups, self.num_layers
-        if not self.pending or n is None or total is None or min(j, n) == 0:
+        if not self.pending or min(j, n) == 0:
             return
-        allowed = (total - max(j, n - 1)) * self.engine.bytes_this_pass / min(j, n)
+        allowed = (total - max(j, n - 1)) * self.copier.bytes_this_pass / min(j, n)
         in_flight = sum(rec.nbytes for _, _, rec in self.pending)
         done = []
         while self.pending and in_flight > allowed:
@@ -51,9 +59,9 @@ class _LayerSession(_Session):
         """`prefetch_depth` layers ahead always; further only while memory stays under the
         level of the end of the forward, so a fetch never raises the peak: backward frees a
         layer's activations minus its new weight gradients per layer, and that is the room."""
-        if k >= j - (1 if self.double_buffering else self.depth):  # two buffer sets: one ahead
+        if k >= j - (1 if self.double_buffering else self.prefetch_depth):  # two buffer sets: one ahead
             return True
-        if self.double_buffering or self.num_layers is None:
+        if self.double_buffering:
             return False
         if self.mem_limit is None:  # no allocator to ask (CPU tests): one per freed layer
             return k >= min(j, n) - (self.num_layers - 1 - max(j, n - 1))
@@ -62,12 +70,12 @@ class _LayerSession(_Session):
         return torch.cuda.memory_allocated(self.device) + need <= self.mem_limit
 
 
-class _LayerEngine(_Engine):
-    """The shared engine plus double buffering: two GPU buffer sets, alternating by layer."""
+class LayerCopier(SavedTensorCopier):
+    """The saved-tensor copier plus double buffering: two GPU buffer sets, alternating by layer."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.bufsets = [None, None]  # (layout, [gpu byte buffers]) by layer parity
+        self.bufsets = [None, None]  # layer parity => (layout: record sizes, [GPU byte buffers]) or None
 
     def _buffers(self, sess, group, recs):
         """Reuse the parity's set when the layer's layout matches, else replace it (per-layer
@@ -93,10 +101,22 @@ def _first_grad_tensor(out):
 class LayerOffloadHandle:
     """What `install_layer_offload` returns: `remove()` undoes it, `stats()` reports it."""
 
-    def __init__(self, layers, num_layers, engine, prefetch_depth, double_buffering, active, tail=0.0):
-        self.layers, self.num_layers, self.engine, self.tail = list(layers), num_layers, engine, tail
-        self.depth, self.double_buffering, self.active = prefetch_depth, double_buffering, active
-        self.installed, self._hooks, self._stack, self._sess = True, [], [], None
+    def __init__(self, layers, num_layers, copier, prefetch_depth, double_buffering, active,
+                 resident_tail_fraction=0.0):
+        self.layers = list(layers)  # layers => every layer, in forward order
+        self.num_layers = num_layers  # num_layers => how many of them (the first) are offloaded
+        self.copier = copier  # copier => the LayerCopier doing the copies
+        self.prefetch_depth = prefetch_depth  # prefetch_depth => layers fetched ahead in backward
+        self.double_buffering = double_buffering  # double_buffering => reload into two buffer sets
+        # resident_tail_fraction => the newest share of a pass's bytes that may stay on the GPU
+        self.resident_tail_fraction = resident_tail_fraction
+        self.active = active  # active => hooks installed (False: the no-CUDA no-op)
+        self.installed = True  # installed => not removed yet
+        self._hooks = []  # _hooks => the forward pre/post hook handles on the layers
+        # _stack => [(layer index, its saved_tensors_hooks context or None, its session or None)]
+        self._stack = []
+        self._sess = None  # _sess => the `_LayerSession` of the forward pass under way
+        # _last => {"bytes", "tensors": what the last finished pass copied out}
         self._last = {"bytes": 0, "tensors": 0}
         if active:
             for idx, layer in enumerate(self.layers):
@@ -114,8 +134,9 @@ class LayerOffloadHandle:
                 self._sess.throttle(idx)
             ctx = None
             if on and idx < self.num_layers:
-                sess, eng = self._sess, self.engine
-                ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: eng.pack(t, sess, idx), eng.unpack)
+                sess, copier = self._sess, self.copier
+                ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: copier.pack(t, sess, idx),
+                                                               copier.unpack)
                 ctx.__enter__()
             self._stack.append((idx, ctx, self._sess if on else None))
         return hook
@@ -133,7 +154,7 @@ class LayerOffloadHandle:
             if t is not None:
                 t.register_hook(lambda g, s=sess: s.on_backward_layer(idx))
             if idx == len(self.layers) - 1:  # end of the layers: wait for copies before the loss
-                sess.drain(self.tail)
+                sess.drain(self.resident_tail_fraction)
                 if sess.device is not None:
                     sess.mem_limit = torch.cuda.memory_allocated(sess.device)
                 self._end_session()
@@ -141,23 +162,24 @@ class LayerOffloadHandle:
 
     def _new_session(self):
         self._end_session()
-        self._sess = _LayerSession(self.engine, self.num_layers, len(self.layers), self.depth, self.double_buffering)
+        self._sess = _LayerSession(self.copier, self.num_layers, len(self.layers), self.prefetch_depth,
+                                   self.double_buffering)
 
     def _end_session(self):
         if self._sess is not None:
             self._sess.drain()  # an abandoned pass (exception, early exit) leaves nothing pending
-            self._last = {"bytes": self.engine.bytes_this_pass, "tensors": self.engine.tensors_this_pass}
+            self._last = {"bytes": self.copier.bytes_this_pass, "tensors": self.copier.tensors_this_pass}
             self._sess = None
 
     def stats(self):
         """Bytes and tensors offloaded by the last forward, pinned bytes held now, records alive."""
-        last = self._last if self._sess is None else {"bytes": self.engine.bytes_this_pass,
-                                                      "tensors": self.engine.tensors_this_pass}
+        last = self._last if self._sess is None else {"bytes": self.copier.bytes_this_pass,
+                                                      "tensors": self.copier.tensors_this_pass}
         return {"active": self.active, "num_layers": self.num_layers,
                 "bytes_offloaded_last_step": last["bytes"], "tensors_offloaded_last_step": last["tensors"],
-                "tensors_recast_last_step": self.engine.tensors_recast,
-                "pinned_bytes_held": self.engine.pool.pinned_bytes,
-                "records_alive": len(self.engine.records_alive)}
+                "tensors_recast_last_step": self.copier.tensors_recast,
+                "pinned_bytes_held": self.copier.pool.pinned_bytes,
+                "records_alive": len(self.copier.records_alive)}
 
     def remove(self):
         """Uninstall the hooks and drop every retained host or GPU buffer."""
@@ -169,8 +191,8 @@ class LayerOffloadHandle:
             ctx = self._stack.pop()[1]
             if ctx is not None:
                 ctx.__exit__(None, None, None)
-        self.engine.pool.clear()
-        self.engine.bufsets = [None, None]
+        self.copier.pool.clear()
+        self.copier.bufsets = [None, None]
         self.installed = False
         _LAYER_HANDLES.discard(self)
 
@@ -206,6 +228,6 @@ def install_layer_offload(layers, num_layers, *, min_offload_bytes=1 << 20, pref
     active = num_layers > 0 and (torch.cuda.is_available() or offload_cpu_tensors)
     if not torch.cuda.is_available() and not offload_cpu_tensors:
         warnings.warn("ds_offload: no CUDA device, so layer-level activation offloading is a no-op.")
-    engine = _LayerEngine(min_offload_bytes, pin_memory, retain_pinned_buffers, offload_cpu_tensors)
-    return LayerOffloadHandle(layers, num_layers, engine, prefetch_depth, double_buffering, active,
+    copier = LayerCopier(min_offload_bytes, pin_memory, retain_pinned_buffers, offload_cpu_tensors)
+    return LayerOffloadHandle(layers, num_layers, copier, prefetch_depth, double_buffering, active,
                               resident_tail_fraction)

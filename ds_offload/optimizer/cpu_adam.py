@@ -16,16 +16,48 @@ launches GPU kernels and the two serialize.
 
 A "run" is a contiguous range of one bucket that shares one param group and one step count:
 ``(start, end, step_before, lr, beta1, beta2, eps, weight_decay)``.
+
+Which one runs (``pick_worker_mode``): inline without CUDA or with overlap off, else a thread for torch's
+kernel and a process for DeepSpeed's, unless /dev/shm cannot hold the process's buffers.
 """
 import itertools
 import multiprocessing as mp
 import os
 import traceback
+import warnings
 
 import torch
 
 _OPT_ID = 7301  # id inside the worker process, which owns its op alone
 _inline_ids = itertools.count(7302)  # one per inline backend, clear of DeepSpeedCPUAdam's small ids
+
+
+def shared_memory_fits(nbytes, path="/dev/shm"):
+    """Whether ``nbytes`` of shared tensors fit: past the mount's size, touching them is a SIGBUS, not an error."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return True  # no /dev/shm mount to run out of (torch then uses other shared memory)
+    return st.f_bavail * st.f_frsize >= nbytes + (256 << 20)
+
+
+def pick_worker_mode(requested, on_cuda, overlap, use_torch):
+    """Where the CPU step runs: the caller's choice, else inline unless it can overlap with CUDA work, then a
+    thread for torch's GIL-free kernel or a process for DeepSpeed's GIL-holding one."""
+    if requested:
+        return requested
+    if not (on_cuda and overlap):
+        return "inline"
+    return "thread" if use_torch else "process"
+
+
+def fit_worker_mode_to_shared_memory(mode, cpu_numel):
+    """A process worker needs its 16 bytes per element in /dev/shm; fall back to a thread when they do not fit."""
+    if mode == "process" and not shared_memory_fits(16 * cpu_numel):
+        warnings.warn("not enough /dev/shm for the CPU Adam worker process's buffers; stepping DeepSpeed's "
+                      "CPU Adam in a thread instead (its binding holds the GIL: less overlap)")
+        return "thread"
+    return mode
 
 
 def _load_ds_op():

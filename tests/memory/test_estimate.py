@@ -1,14 +1,16 @@
-"""ds_offload.estimate against numbers worked out by hand for small models."""
+"""The memory model (ds_offload.memory) against numbers worked out by hand for small models."""
 import json
 
 import pytest
 import torch
 
-from ds_offload import estimate as E
+from ds_offload import memory as E
+from ds_offload.config import OffloadConfig, load_config
 from ds_offload.models import GPT, GPTConfig, REFERENCE_GPT
 
 MiB = 2 ** 20
 TINY = GPTConfig(vocab_size=512, hidden=64, num_layers=4, num_heads=4, seq_len=32)
+C = load_config  # the memory model takes an OffloadConfig
 
 
 def tiny():
@@ -51,27 +53,27 @@ def test_reference_gpt_layer_within_10_percent_of_the_h200_measurement():
 def test_static_memory_by_precision_and_zero_stage():
     s = tiny()
     n = s.params
-    fp32 = E.estimate(s, {}, micro_batch=1).baseline_gpu
+    fp32 = E.estimate(s, C({}), micro_batch=1).baseline_gpu
     assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
     bf16 = {"bf16": {"enabled": True}}
-    z1 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 1}}, micro_batch=1, gpus=2).baseline_gpu
+    z1 = E.estimate(s, C({**bf16, "zero_optimization": {"stage": 1}}), micro_batch=1, gpus=2).baseline_gpu
     # bf16 grads + the fp32 grads made for the step (6); fp32 master + moments (12)
     assert (z1.params, z1.grads, z1.optimizer) == (2 * n, 6 * n, 12 * n / 2)
-    z2 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 2}}, micro_batch=1, gpus=4).baseline_gpu
+    z2 = E.estimate(s, C({**bf16, "zero_optimization": {"stage": 2}}), micro_batch=1, gpus=4).baseline_gpu
     assert (z2.params, z2.grads, z2.optimizer) == (2 * n, 6 * n / 4, 12 * n / 4)
     # DeepSpeed's BF16_Optimizer (ZeRO-1, fp32 accumulation) keeps fp32 gradient accumulators with its state
     acc = {**bf16, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}
-    b1 = E.estimate(s, acc, micro_batch=1, gpus=2).baseline_gpu
+    b1 = E.estimate(s, C(acc), micro_batch=1, gpus=2).baseline_gpu
     assert (b1.params, b1.grads, b1.optimizer) == (2 * n, 2 * n, 16 * n / 2)
-    z3 = E.estimate(s, {**bf16, "zero_optimization": {"stage": 3}}, micro_batch=1, gpus=4).baseline_gpu
+    z3 = E.estimate(s, C({**bf16, "zero_optimization": {"stage": 3}}), micro_batch=1, gpus=4).baseline_gpu
     assert z3.params == 2 * n / 4
-    assert E.estimate(s, {"torch_autocast": {"enabled": True}}).precision == "autocast"
+    assert E.estimate(s, C({"torch_autocast": {"enabled": True}})).precision == "autocast"
 
 
 def test_activations_total_by_hand():
     s = tiny()
     b, t, d, v = 2, 32, 64, 512
-    est = E.estimate(s, {}, micro_batch=b, seq_len=t, precision="fp32")
+    est = E.estimate(s, C({}), micro_batch=b, seq_len=t, precision="fp32")
     layer = 68 * b * t * d + 4 * b * 4 * t
     head = 4 * b * t * d + 4 * b * t * d + (4 + 4 + 4) * b * t * v  # final ln in, head in, logits, log-softmax, grad
     assert est.baseline_gpu.activations == 4 * layer + head
@@ -81,12 +83,12 @@ def test_peak_holds_the_larger_of_gradients_and_activations():
     """Gradients are freed between steps and grow as backward frees activations: they never add up."""
     s = tiny()
     n = s.params
-    m = E.estimate(s, {}, micro_batch=2, seq_len=32, precision="bf16").baseline_gpu
+    m = E.estimate(s, C({}), micro_batch=2, seq_len=32, precision="bf16").baseline_gpu
     assert m.total == 2 * n + 12 * n + max(6 * n, m.activations)
-    small = E.estimate(s, {}, micro_batch=1, seq_len=1, precision="bf16").baseline_gpu
+    small = E.estimate(s, C({}), micro_batch=1, seq_len=1, precision="bf16").baseline_gpu
     assert small.activations < 6 * n and small.total == 2 * n + 12 * n + 6 * n
     with pytest.raises(ValueError, match="loop must be one of"):
-        E.estimate(s, {}, loop="jax")
+        E.estimate(s, C({}), loop="jax")
 
 
 def test_offloaded_share_frees_moments_under_deepspeed_and_masters_too_in_a_torch_loop():
@@ -96,14 +98,14 @@ def test_offloaded_share_frees_moments_under_deepspeed_and_masters_too_in_a_torc
     n = s.params
     cfg = {"bf16": {"enabled": True},
            "cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}}}
-    ds = E.estimate(s, cfg, micro_batch=1)
+    ds = E.estimate(s, C(cfg), micro_batch=1)
     assert ds.baseline_gpu.optimizer - ds.offload_gpu.optimizer == 0.5 * 8 * n
     assert ds.offload_gpu.grads == ds.baseline_gpu.grads
-    pt = E.estimate(s, cfg, micro_batch=1, loop="torch")
+    pt = E.estimate(s, C(cfg), micro_batch=1, loop="torch")
     assert pt.baseline_gpu.optimizer - pt.offload_gpu.optimizer == 0.5 * 12 * n
     assert pt.baseline_gpu.grads - pt.offload_gpu.grads == 0.5 * 4 * n
     assert ds.offload_cpu.optimizer == pt.offload_cpu.optimizer == 0.5 * 16 * n
-    fp32 = E.estimate(s, {**cfg, "bf16": {"enabled": False}}, micro_batch=1, loop="torch")
+    fp32 = E.estimate(s, C({**cfg, "bf16": {"enabled": False}}), micro_batch=1, loop="torch")
     assert fp32.baseline_gpu.optimizer - fp32.offload_gpu.optimizer == 0.5 * 8 * n  # the params are the masters
 
 
@@ -112,7 +114,7 @@ def test_optimizer_offload_fraction():
     n = s.params
     cfg = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
            "cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.25}}}
-    est = E.estimate(s, cfg, micro_batch=1, gpus=2)
+    est = E.estimate(s, C(cfg), micro_batch=1, gpus=2)
     assert est.offload_gpu.optimizer == pytest.approx((12 - 0.25 * 8) * n / 2)
     assert est.offload_cpu.optimizer == pytest.approx(0.25 * 16 * n / 2)
     assert est.offload_gpu.params == est.baseline_gpu.params and est.offload_gpu.grads == est.baseline_gpu.grads
@@ -121,7 +123,7 @@ def test_optimizer_offload_fraction():
 def test_activation_offload_layers():
     s = tiny()
     cfg = {"cpu_offloading": {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 3}}}
-    est = E.estimate(s, cfg, micro_batch=2, seq_len=32, precision="autocast")
+    est = E.estimate(s, C(cfg), micro_batch=2, seq_len=32, precision="autocast")
     offloadable = 38 * 2 * 32 * 64 + 4 * 2 * 4 * 32
     assert est.layer_activation_offloadable == offloadable
     assert est.baseline_gpu.activations - est.offload_gpu.activations == 3 * offloadable
@@ -129,56 +131,9 @@ def test_activation_offload_layers():
     # activations off -> nothing moves
     off = {"cpu_offloading": {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 3,
                                         "cpu_offloading_activations": False, "cpu_offloading_weights": True}}}
-    est2 = E.estimate(s, off, micro_batch=2, seq_len=32)
+    # (weight offload is refused by validation, not implemented yet: built without it)
+    est2 = E.estimate(s, OffloadConfig.from_parts(off["cpu_offloading"], off), micro_batch=2, seq_len=32)
     assert est2.offload_gpu.activations == est2.baseline_gpu.activations
-
-
-def test_what_fits_finds_the_least_offload():
-    s = E.parse_model("reference-gpt")
-    cfg = {"torch_autocast": {"enabled": True}}
-    base = E.estimate(s, cfg, micro_batch=8, seq_len=2048).baseline_gpu.total
-    fits = E.what_fits(s, cfg, base + E.GiB, 8, seq_len=2048, reserve=E.GiB)
-    assert fits["baseline_fits"] and fits["optimizer_fraction"] == 0.0
-    budget = base - 2 * E.GiB
-    fits = E.what_fits(s, cfg, budget, 8, seq_len=2048, reserve=0)
-    assert not fits["baseline_fits"]
-    f, k = fits["optimizer_fraction"], fits["activation_layers"]
-    assert 0 < f <= 1 and 0 < k < s.layers
-
-    def total(**changes):
-        return E.estimate(s, E.with_block(cfg, **changes), micro_batch=8, seq_len=2048).offload_gpu.total
-    assert total(optimizer__optimizer_cpu_offload=True, optimizer__optimizer_offload_fraction=f) <= budget
-    assert total(optimizer__optimizer_cpu_offload=True, optimizer__optimizer_offload_fraction=f - 0.01) > budget
-    assert total(model__cpu_offloading=True, model__cpu_offloading_num_layers=k) <= budget
-    assert total(model__cpu_offloading=True, model__cpu_offloading_num_layers=k - 1) > budget
-
-
-def test_advice_rows():
-    s = E.parse_model("reference-gpt")
-    est = E.estimate(s, {}, micro_batch=8, seq_len=2048)
-    keys = lambda rows: {r[0] for r in rows}  # noqa: E731
-    assert "pipeline" in keys(E.advice(est, {}, pipeline_stages=4))
-    assert "cuda_graphs" in keys(E.advice(est, {"hybrid_engine": {"enable_cuda_graph": True}}))
-    fits = {"baseline_fits": True, "optimizer_fraction": 0.0, "activation_layers": 0}
-    assert keys(E.advice(est, {}, fits=fits)) == {"throughput"}
-    fits = {"baseline_fits": False, "optimizer_fraction": 0.3, "activation_layers": 4}
-    assert {"moderate", "activations"} <= keys(E.advice(est, {}, fits=fits))
-
-
-def test_step_time_cost_by_hand():
-    s = E.ModelSpec(name="m", layers=2, hidden=64, heads=4, vocab=100, params=1_000_000_000)
-    cfg = {"cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5,
-                                            "overlap_cpu_optimizer_d2h_h2d": False}}}
-    est = E.estimate(s, cfg, micro_batch=1, seq_len=8, precision="fp32")
-    measured = {"pinned_d2h_gbps": 20.0, "pinned_h2d_gbps": 40.0, "deepspeed_cpu_adam_params_per_s": 1e9,
-                "torch_adam_params_per_s": 2e9}
-    c = E.step_time_cost(est, measured)["optimizer"]
-    assert c["cpu_adam_s"] == pytest.approx(0.5)                              # 0.5e9 elements at 1e9/s
-    assert c["transfer_s"] == pytest.approx(0.5e9 * 4 / 20e9 + 0.5e9 * 4 / 40e9)  # 0.1 + 0.05
-    assert c["added_s"] == pytest.approx(0.65)
-    cfg["cpu_offloading"]["optimizer"]["overlap_cpu_optimizer_d2h_h2d"] = True
-    assert E.step_time_cost(E.estimate(s, cfg, micro_batch=1, seq_len=8, precision="fp32"),
-                            measured)["optimizer"]["added_s"] == pytest.approx(0.5)
 
 
 def test_model_forms(tmp_path):
@@ -203,12 +158,3 @@ def test_model_forms(tmp_path):
     by_hand = 2 * 1000 * d + 3 * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + d
     pytest.importorskip("transformers")
     assert spec.params == by_hand
-
-
-def test_parse_size():
-    assert E.parse_size("80GiB") == 80 * 2 ** 30
-    assert E.parse_size("80GB") == 80 * 10 ** 9
-    assert E.parse_size("24") == 24 * 2 ** 30
-    assert E.parse_size("512MiB") == 512 * 2 ** 20
-    with pytest.raises(ValueError):
-        E.parse_size("lots")

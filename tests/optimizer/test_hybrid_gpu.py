@@ -9,7 +9,7 @@ import torch
 from ds_offload.models import GPT, GPTConfig, synthetic_batch
 from ds_offload.optimizer import HybridDeviceOptimizer
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu  # conftest skips these without CUDA
 
 CFG = GPTConfig(vocab_size=512, hidden=128, num_layers=4, num_heads=4, seq_len=64)
 SLEEP = 200_000_000  # GPU cycles: ~0.1 s, far longer than any copy here
@@ -28,6 +28,7 @@ def groups(model):
                                                                        "weight_decay": 0.0}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap,pin,backend,early", [(True, True, "deepspeed", False), (True, True, "torch", False),
                                                        (False, True, "deepspeed", False), (True, False, "torch", False),
                                                        (False, False, "deepspeed", False),
@@ -62,6 +63,7 @@ def test_bf16_parity_with_fp32_adamw(overlap, pin, backend, early):
         opt.close()
 
 
+@pytest.mark.slow  # DeepSpeed's CPU Adam op (the default backend)
 def test_state_lives_where_the_split_says():
     model = bf16_model()
     opt = HybridDeviceOptimizer(model.parameters(), offload_fraction=0.5)
@@ -82,6 +84,7 @@ def test_state_lives_where_the_split_says():
         opt.close()
 
 
+@pytest.mark.slow  # DeepSpeed's CPU Adam op (the default backend)
 def test_gpu_memory_drops_by_12_bytes_per_offloaded_element():
     used = {}
     for f in (0.0, 1.0):
@@ -97,6 +100,7 @@ def test_gpu_memory_drops_by_12_bytes_per_offloaded_element():
     assert used[0.0] - used[1.0] >= 0.9 * 12 * n
 
 
+@pytest.mark.slow  # DeepSpeed's CPU Adam op (the default backend)
 def test_grad_copy_waits_for_compute_stream():
     """Gradients rewritten on a stalled compute stream after backward must be the ones stepped."""
     model = bf16_model()
@@ -119,6 +123,7 @@ def test_grad_copy_waits_for_compute_stream():
         opt.close()
 
 
+@pytest.mark.slow  # DeepSpeed's CPU Adam op (the default backend)
 def test_update_waits_for_queued_backward_and_forward_waits_for_update():
     model = bf16_model()
     opt = HybridDeviceOptimizer(model.parameters(), offload_fraction=1.0, lr=1e-2)
@@ -147,6 +152,7 @@ def test_update_waits_for_queued_backward_and_forward_waits_for_update():
         opt.close()
 
 
+@pytest.mark.slow  # DeepSpeed's CPU Adam op (the default backend)
 def test_step_in_backward_refuses_gradients_changed_after_backward():
     model = bf16_model()
     opt = HybridDeviceOptimizer(model.parameters(), offload_fraction=0.5, step_in_backward=True)

@@ -1,13 +1,11 @@
-"""The fine-grained `ActivationOffloader` API and the savings estimator, on CPU."""
-import math
-
+"""The fine-grained `ActivationOffloader` API (`ds_offload.activations.region`), on CPU."""
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ds_offload.models import GPT, GPTConfig, synthetic_batch
-from ds_offload.offloader import ActivationOffloader, OffloadedTensor, estimate_offloading_memory_savings
+from ds_offload.activations import ActivationOffloader, OffloadedTensor
 
 CFG = GPTConfig(vocab_size=256, hidden=32, num_layers=3, num_heads=4, seq_len=16)
 
@@ -24,34 +22,12 @@ def _assert_equal_grads(a, b):
 
 
 def _forced(**kw):
-    kw.setdefault("offload_threshold_mb", 0.0)
+    kw.setdefault("min_offload_bytes", 0)
     return ActivationOffloader(offload_cpu_tensors=True, **kw)
 
 
-def test_estimator_reference_numbers():
-    assert estimate_offloading_memory_savings(8000, 0.5) == {
-        "gpu_memory_mb": 4000.0, "gpu_savings_mb": 4000.0, "cpu_usage_mb": 4000.0, "savings_percent": 50.0}
-    assert estimate_offloading_memory_savings(1000, 0.0)["gpu_memory_mb"] == 1000.0
-    assert estimate_offloading_memory_savings(1000, 1)["savings_percent"] == 100.0
-
-
-@pytest.mark.parametrize("args,exc,text", [
-    ((8000, 1.5), ValueError, "offload_ratio must be in [0.0, 1.0]"),
-    ((8000, -0.1), ValueError, "offload_ratio"),
-    ((-1, 0.5), ValueError, "activation_memory_gpu_mb must be >= 0"),
-    (("8000", 0.5), TypeError, "activation_memory_gpu_mb must be a finite number"),
-    ((8000, None), TypeError, "offload_ratio must be a finite number"),
-    ((math.nan, 0.5), TypeError, "finite"),
-    ((8000, True), TypeError, "offload_ratio"),
-])
-def test_estimator_input_errors(args, exc, text):
-    with pytest.raises(exc) as err:
-        estimate_offloading_memory_savings(*args)
-    assert text in str(err.value)
-
-
-@pytest.mark.parametrize("kw", [{"offload_threshold_mb": -1}, {"offload_threshold_mb": "10"},
-                                {"prefetch_ahead": -1}, {"prefetch_ahead": 1.5}])
+@pytest.mark.parametrize("kw", [{"min_offload_bytes": -1}, {"min_offload_bytes": "10"},
+                                {"prefetch_depth": -1}, {"prefetch_depth": 1.5}])
 def test_constructor_errors(kw):
     with pytest.raises(ValueError):
         ActivationOffloader(**kw)
@@ -61,7 +37,7 @@ def test_cpu_without_cuda_changes_nothing():
     ref, m = _gpt(), _gpt()
     x, y = synthetic_batch(CFG, 2)
     ref(x, y).backward()
-    off = ActivationOffloader(enabled=True, offload_threshold_mb=0.0, prefetch_ahead=2, pin_memory=True)
+    off = ActivationOffloader(enabled=True, min_offload_bytes=0, prefetch_depth=2, pin_memory=True)
     with off.offload_context():
         m(x, y).backward()
     _assert_equal_grads(ref, m)
@@ -69,12 +45,12 @@ def test_cpu_without_cuda_changes_nothing():
         assert not off.active and off.stats()["tensors_offloaded_last_region"] == 0
 
 
-@pytest.mark.parametrize("ahead", [0, 1, 2])
-def test_context_grads_bit_equal_and_nothing_left(ahead):
+@pytest.mark.parametrize("prefetch_depth", [0, 1, 2])
+def test_context_grads_bit_equal_and_nothing_left(prefetch_depth):
     ref, m = _gpt(), _gpt()
     x, y = synthetic_batch(CFG, 2)
     ref(x, y).backward()
-    off = _forced(prefetch_ahead=ahead)
+    off = _forced(prefetch_depth=prefetch_depth)
     with off.offload_context():
         loss = m(x, y)
         loss.backward()
@@ -93,12 +69,12 @@ def test_backward_after_the_context():
     _assert_equal_grads(ref, m)
 
 
-def test_prefetch_ahead_order():
+def test_prefetch_depth_order():
     m = _gpt()
-    off = _forced(prefetch_ahead=2)
-    eng = off._engine
-    order, fetch_group = [], eng.fetch_group
-    eng.fetch_group = lambda sess, g: order.append(g) or fetch_group(sess, g)
+    off = _forced(prefetch_depth=2)
+    copier = off.copier
+    order, fetch_group = [], copier.fetch_group
+    copier.fetch_group = lambda sess, g: order.append(g) or fetch_group(sess, g)
     x, y = synthetic_batch(CFG, 2)
     with off.offload_context():
         m(x, y).backward()
@@ -107,9 +83,9 @@ def test_prefetch_ahead_order():
     assert order[:3] == [order[0], order[0] - 1, order[0] - 2]  # the first use brings 2 more ahead
 
 
-def test_threshold_keeps_small_tensors():
+def test_min_offload_bytes_keeps_small_tensors():
     m = _gpt()
-    off = _forced(offload_threshold_mb=1.0)  # far above every activation of the tiny model
+    off = _forced(min_offload_bytes=2**20)  # far above every activation of the tiny model
     x, y = synthetic_batch(CFG, 2)
     with off.offload_context():
         m(x, y).backward()
@@ -173,7 +149,7 @@ def test_manual_pair_noop_without_cuda():
 
 
 def test_disabled_context_offloads_nothing():
-    off = ActivationOffloader(enabled=False, offload_cpu_tensors=True, offload_threshold_mb=0.0)
+    off = ActivationOffloader(enabled=False, offload_cpu_tensors=True, min_offload_bytes=0)
     m = _gpt()
     x, y = synthetic_batch(CFG, 2)
     with off.offload_context():
