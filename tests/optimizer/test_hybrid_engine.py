@@ -50,7 +50,7 @@ def train(eng, steps, gas=1, start=0, fixed_batch=False):
     losses = []
     for s in range(start, start + steps):
         for m in range(gas):
-            x, y = synthetic_batch(CFG, 4, 0 if fixed_batch else s * gas + m)
+            x, y = synthetic_batch(CFG, 4, 0 if fixed_batch else s * gas + m, device=eng.device)
             loss = eng(x, y)
             eng.backward(loss)
             eng.step()
@@ -91,7 +91,7 @@ def _fp16_supported():
     return get_accelerator().is_fp16_supported()
 
 
-@pytest.mark.skipif(not _fp16_supported(), reason="DeepSpeed refuses fp16 on this CPU (no mkldnn fp16); runs on GPUs")
+@pytest.mark.skipif(not _fp16_supported(), reason="DeepSpeed refuses fp16 on this CPU (no mkldnn fp16); runs where it has fp16 (CPUs with it, GPUs)")
 def test_fp16_overflow_skips_both_shares():
     # 2**30 overflows at first: DeepSpeed halves the scale and skips those steps on the whole optimizer.
     cfg = ds_config(1, "fp16", scale_power=30)
