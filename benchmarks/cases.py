@@ -377,7 +377,7 @@ def _hdo(params, f, overlap, torch_opt, step_in_backward=False):
     from ds_offload.optimizer import HybridDeviceOptimizer
     return HybridDeviceOptimizer(params, offload_fraction=f, lr=H.LR, betas=H.BETAS, eps=H.EPS, weight_decay=H.WD,
                                  overlap_cpu_optimizer_d2h_h2d=overlap, use_torch_optimizer_for_cpu_offload=torch_opt,
-                                 step_in_backward=step_in_backward)
+                                 step_in_backward=step_in_backward, defer_weight_updates=True)
 
 
 def ours_opt(shape, warm, steps, f, overlap=True, torch_opt=False, step_in_backward=False):

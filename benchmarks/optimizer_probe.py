@@ -51,7 +51,7 @@ def probe(fractions=(0.0, 0.25, 0.5, 1.0), backends=("deepspeed", "torch"), micr
         opt = HybridDeviceOptimizer(model.parameters(), offload_fraction=f, lr=1e-5, weight_decay=0.01,
                                     overlap_cpu_optimizer_d2h_h2d=overlap,
                                     use_torch_optimizer_for_cpu_offload=backend == "torch",
-                                    step_in_backward=step_in_backward)
+                                    step_in_backward=step_in_backward, defer_weight_updates=True)
         opt.split_info()  # build the split and the CPU buffers outside the timing
         setup_s = time.perf_counter() - t0
         _run(model, opt, idx, tgt, warmup)

@@ -37,8 +37,13 @@ class OffloadState:
             parts.append("layer offload requested but inactive (no CUDA device)")
         if self.optimizer is not None:
             backend = "torch AdamW" if o.use_torch_optimizer_for_cpu_offload else "DeepSpeed CPU Adam"
+            n = self.optimizer.split_info()["cpu_numel"]
+            # 16 bytes per element on the host: fp32 master, gradient buffer and both moments.
             parts.append(f"{o.optimizer_offload_fraction:.0%} of the optimizer on the CPU ({backend}"
-                         f"{', overlapped' if o.overlap_cpu_optimizer_d2h_h2d else ''})")
+                         f"{', overlapped' if o.overlap_cpu_optimizer_d2h_h2d else ''}): {n / 1e6:.2f}M elements "
+                         f"with fp32 masters, moments and gradient buffers in CPU memory ({16 * n / 2**30:.2f} GiB); "
+                         f"on the GPU their moments are freed ({8 * n / 2**30:.2f} GiB) while DeepSpeed keeps its "
+                         "fp32 copy of them")
         return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
 
     def remove(self):

@@ -140,7 +140,10 @@ def test_optimizer_offload_loss_parity_through_initialize(dist, stage):
     assert max(abs(a - b) for a, b in zip(plain, ours)) < 1e-3
     assert isinstance(engine.ds_offload.optimizer, HybridDeviceOptimizer)
     assert engine.ds_offload.optimizer.split_info()["cpu_numel"] > 0
-    assert "50% of the optimizer on the CPU" in engine.ds_offload.summary()
+    summary = engine.ds_offload.summary()
+    assert "50% of the optimizer on the CPU" in summary
+    n = engine.ds_offload.optimizer.split_info()["cpu_numel"]
+    assert f"{n / 1e6:.2f}M elements with fp32 masters, moments and gradient buffers in CPU memory" in summary
 
 
 def test_close_releases_optimizer_and_hooks(dist):

@@ -20,9 +20,12 @@ A "run" is a contiguous range of one bucket that shares one param group and one 
 Which one runs (``pick_worker_mode``): inline without CUDA or with overlap off, else a thread for torch's
 kernel and a process for DeepSpeed's, unless /dev/shm cannot hold the process's buffers.
 """
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
+import sys
+import threading
 import traceback
 import warnings
 
@@ -99,17 +102,55 @@ def _worker_main(conn, adamw_mode, buckets, num_threads):
     except Exception:  # report instead of leaving the parent blocked
         conn.send(("error", traceback.format_exc()))
         return
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        bucket_id, runs = msg
-        try:
-            _ds_runs(op, _OPT_ID, buckets[bucket_id], runs)
-            conn.send(("ok", None))
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
+    try:
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            bucket_id, runs = msg
+            try:
+                _ds_runs(op, _OPT_ID, buckets[bucket_id], runs)
+                conn.send(("ok", None))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    except (EOFError, OSError):
+        return  # the parent is gone (killed, crashed): nothing to report to, exit quietly
     op.destroy_adam(_OPT_ID)
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _child_skips_main():
+    """Start a spawned child without re-running the parent's `__main__`.
+
+    spawn re-imports the main script (or `-m` module) in the child so that pickled targets defined there
+    resolve; ours lives in this module, so that import is not needed, and for a training script without an
+    `if __name__ == "__main__":` guard it would re-run the training in the child (which then dies trying to
+    start its own worker). Hiding main's `__file__` and `__spec__` while the child starts skips it.
+    """
+    main = sys.modules.get("__main__")
+    with _MAIN_LOCK:
+        saved = {k: main.__dict__.pop(k) for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+        if main is not None:
+            main.__spec__ = None
+        try:
+            yield
+        finally:
+            if main is not None:
+                main.__dict__.pop("__spec__", None)
+                main.__dict__.update(saved)
+
+
+def _died(proc, during):
+    proc.join(timeout=5)
+    code = proc.exitcode
+    how = (f"was killed by signal {-code}" if code is not None and code < 0 else
+           f"exited with status {code}" if code is not None else "stopped answering")
+    return RuntimeError(f"the CPU Adam worker process {how} {during}. Its messages, if any, are above. Fix: look for "
+                        "an out-of-memory kill (dmesg) or a crash of DeepSpeed's CPU Adam op; to step without a worker "
+                        "process set cpu_offloading.optimizer.use_torch_optimizer_for_cpu_offload: true.")
 
 
 class CpuAdamBackend:
@@ -147,8 +188,14 @@ class CpuAdamBackend:
         threads = max(1, (os.cpu_count() or 2) - 1)
         self._proc = ctx.Process(target=_worker_main, args=(child, self.adamw_mode, self.buckets, threads),
                                  daemon=True)
-        self._proc.start()
-        status, err = self._conn.recv()
+        with _child_skips_main():
+            self._proc.start()
+        child.close()  # the child holds its end; ours open would hide the child's death from recv()
+        try:
+            status, err = self._conn.recv()
+        except (EOFError, OSError):
+            proc, self._proc = self._proc, None
+            raise _died(proc, "while starting") from None
         if status != "ready":
             raise RuntimeError(f"CPU Adam worker process failed to start:\n{err}")
 
@@ -160,8 +207,11 @@ class CpuAdamBackend:
         elif self._proc is None:
             _ds_runs(self._op, self._opt_id, self.buckets[bucket_id], runs)
         else:
-            self._conn.send((bucket_id, runs))
-            status, err = self._conn.recv()
+            try:
+                self._conn.send((bucket_id, runs))
+                status, err = self._conn.recv()
+            except (EOFError, OSError):
+                raise _died(self._proc, "during a step") from None
             if status != "ok":
                 raise RuntimeError(f"CPU Adam worker process failed:\n{err}")
 

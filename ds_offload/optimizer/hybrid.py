@@ -11,11 +11,14 @@ while the GPU share is stepped by torch's fused kernel on the compute stream. On
   bucket in forward order from ``step()``; with ``step_in_backward=True`` (for loops that touch no
   gradient between backward and step) each bucket starts from its backward hook instead, which is what
   hides the CPU step behind the rest of backward;
-* updated weights go back on another side stream; when this optimizer steps the model's own
-  parameters, ``step()`` returns at once and a global forward pre-hook makes the compute stream wait
-  for a bucket's event only at the first module that owns one of its parameters. When a wrapper
-  (DeepSpeed ZeRO-1/2, its BF16/FP16 optimizers) replaced the params with its flat partitions, the
-  wrapper reads them right after ``step()``, so ``step()`` waits for everything first.
+* updated weights go back on another side stream, and ``step()`` returns once they have landed (the
+  compute stream ordered after them), so every read after it (``model.state_dict()``, ``torch.save``,
+  an evaluation through a functional call) sees the update. With ``defer_weight_updates=True`` (a
+  promise that weights are read only by modules' forward until ``wait()``), ``step()`` returns at once
+  instead and a global forward pre-hook makes the compute stream wait for a bucket's event only at the
+  first module that owns one of its parameters, which hides the CPU step behind the next forward. When a
+  wrapper (DeepSpeed ZeRO-1/2, its BF16/FP16 optimizers) replaced the params with its flat partitions,
+  the wrapper reads them right after ``step()``, so there ``step()`` always waits.
 
 Without CUDA both shares run on the CPU with the same split and the same arithmetic, which is how CI
 checks the numbers. The split and its buffers are in layout.py, the copies and their ordering in
@@ -55,7 +58,7 @@ class HybridDeviceOptimizer(torch.optim.Optimizer):
     def __init__(self, params, offload_fraction=0.5, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  adamw_mode=True, overlap_cpu_optimizer_d2h_h2d=True, pin_cpu_grads=True, pin_cpu_params=True,
                  use_torch_optimizer_for_cpu_offload=False, bucket_numel=BUCKET_NUMEL, cpu_worker=None,
-                 step_in_backward=False):
+                 step_in_backward=False, defer_weight_updates=False):
         if not 0.0 <= float(offload_fraction) <= 1.0:
             raise ValueError(f"optimizer_offload_fraction must be in [0.0, 1.0], got {offload_fraction}")
         if cpu_worker not in (None, "inline", "thread", "process"):
@@ -72,6 +75,9 @@ class HybridDeviceOptimizer(torch.optim.Optimizer):
         # (no clipping, unscaling or accumulation in between), so a bucket's CPU step may start as soon as
         # its gradients are on the host, during backward. step() raises if the promise was broken.
         self.step_in_backward = bool(step_in_backward)
+        # Opt-in: the caller promises to read the weights only through modules' forward (or after wait())
+        # until the next step, so step() may return before the offloaded share's updates have landed.
+        self.defer_weight_updates = bool(defer_weight_updates)
         self._cpu_worker = cpu_worker
         self._layout = None
         self._backend = None
@@ -248,7 +254,7 @@ class HybridDeviceOptimizer(torch.optim.Optimizer):
         for b in lay.buckets:
             b.copied = None  # the next step needs the next backward's gradients
         self._transfers.order_after_d2h(submitted)  # grads may be zeroed or freed on the compute stream after this
-        if self._transfers.lands_later and lay.owns_model_params:
+        if self.defer_weight_updates and self._transfers.lands_later and lay.owns_model_params:
             for b in submitted:
                 for pc in b.pieces:
                     self._pending.setdefault(id(pc.param), []).append(b)
@@ -265,7 +271,10 @@ class HybridDeviceOptimizer(torch.optim.Optimizer):
         index, groups = 0, []
         for g in self.param_groups:
             packed = {k: v for k, v in g.items() if k != "params"}
-            packed.update(amsgrad=False, maximize=False, params=list(range(index, index + len(g["params"]))))
+            # The keys torch's Adam(W) and DeepSpeed's FusedAdam read from a loaded group, so a checkpoint
+            # made with offload resumes under either of them.
+            packed.update(amsgrad=False, maximize=False, bias_correction=True,
+                          params=list(range(index, index + len(g["params"]))))
             index += len(g["params"])
             groups.append(packed)
         if self._layout is not None and self._layout.key == self._params_key():
@@ -280,15 +289,24 @@ class HybridDeviceOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups) or any(
                 len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
             raise ValueError("loaded state dict does not match this optimizer's param groups")
-        remap = {}
+        remap, group_steps = {}, {}
         for s, g in zip(saved_groups, self.param_groups):
+            if "step" in s and "bias_correction" in s:
+                # DeepSpeed's FusedAdam: it advances only the last param's state["step"] of a group and steps
+                # the whole group with it, so that one is the group's count.
+                steps = [int(state_dict["state"][i]["step"]) for i in s["params"]
+                         if i in state_dict["state"] and "step" in state_dict["state"][i]]
+                group_steps.update((i, max(steps)) for i in s["params"] if steps)
             for saved_idx, new_idx in zip(s["params"], range(len(remap), len(remap) + len(g["params"]))):
                 remap[saved_idx] = new_idx
             for k, v in s.items():
                 if k != "params" and k not in ("amsgrad", "maximize", "foreach", "capturable", "differentiable",
-                                               "fused", "decoupled_weight_decay"):
+                                               "fused", "decoupled_weight_decay", "bias_correction", "step"):
                     g[k] = tuple(v) if k == "betas" else v
         state = {remap[k]: v for k, v in state_dict["state"].items() if k in remap}
+        for k, step in group_steps.items():
+            if k in remap and remap[k] in state:
+                state[remap[k]] = {**state[remap[k]], "step": step}
         if self._layout is not None and self._layout.key == self._params_key():
             scatter_state(self._layout.pieces_by_index, state)
             # Wrappers (ZeRO) restore their fp32 partitions through .data after this call, unseen by the
@@ -298,8 +316,9 @@ class HybridDeviceOptimizer(torch.optim.Optimizer):
             self._pending_state = state
 
     def wait(self):
-        """Land every update in flight and order the current stream after it; for code that reads
-        offloaded weights after step() outside a module's forward (EMA, functional calls, timing)."""
+        """Land every update in flight and order the current stream after it; with
+        ``defer_weight_updates=True``, for code that reads offloaded weights after step() outside a
+        module's forward (state_dict, torch.save, EMA, functional calls, timing)."""
         self._finish_pending(early=True)
 
     def close(self):

@@ -20,7 +20,8 @@ def gather_state(pieces_by_index, params_by_index):
             v[pc.start:pc.end].copy_(pc.exp_avg_sq)
             if master is not None:
                 master[pc.start:pc.end].copy_(pc.master)
-        entry = {"step": torch.tensor(float(pieces[0].steps_taken())), "exp_avg": m.view(p.shape),
+        # An int step: torch's Adam(W) and DeepSpeed's FusedAdam/CPUAdam all load it (FusedAdam adds to it).
+        entry = {"step": int(pieces[0].steps_taken()), "exp_avg": m.view(p.shape),
                  "exp_avg_sq": v.view(p.shape)}
         if master is not None:
             entry["master"] = master.view(p.shape)
@@ -40,7 +41,7 @@ def scatter_state(pieces_by_index, state):
                 continue
             pc.exp_avg.copy_(entry["exp_avg"].reshape(-1)[pc.start:pc.end])
             pc.exp_avg_sq.copy_(entry["exp_avg_sq"].reshape(-1)[pc.start:pc.end])
-            pc.set_steps(float(entry["step"]))
+            pc.set_steps(float(entry.get("step", 0)))
             if pc.param.dtype != torch.float32:  # fp32 params are their own master
                 master = entry.get("master")
                 pc.master.copy_(pc.param_view() if master is None else master.reshape(-1)[pc.start:pc.end])

@@ -125,8 +125,9 @@ def test_grad_copy_waits_for_compute_stream():
 
 @pytest.mark.slow  # DeepSpeed's CPU Adam op (the default backend)
 def test_update_waits_for_queued_backward_and_forward_waits_for_update():
+    """With defer_weight_updates, step() returns early and the next forward's pre-hook waits."""
     model = bf16_model()
-    opt = HybridDeviceOptimizer(model.parameters(), offload_fraction=1.0, lr=1e-2)
+    opt = HybridDeviceOptimizer(model.parameters(), offload_fraction=1.0, lr=1e-2, defer_weight_updates=True)
     try:
         idx, tgt = synthetic_batch(CFG, 2, 0, "cuda")
         for _ in range(2):
