@@ -32,10 +32,11 @@ def test_script_without_main_guard_trains(tmp_path):
         import torch
         from ds_offload.optimizer import HybridDeviceOptimizer
         print("SCRIPT BODY RAN", flush=True)
-        ps = [torch.nn.Parameter(torch.randn(64, 64))]
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU host: pinned, registered buffers
+        ps = [torch.nn.Parameter(torch.randn(64, 64, device=dev))]
         opt = HybridDeviceOptimizer(ps, offload_fraction=0.5, cpu_worker="process")
         for i in range(3):
-            ps[0].grad = torch.randn(64, 64)
+            ps[0].grad = torch.randn(64, 64, device=dev)
             opt.step()
         assert opt._backend._proc is not None
         print("OK", opt.split_info()["cpu_numel"], flush=True)
