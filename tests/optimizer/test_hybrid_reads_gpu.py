@@ -78,7 +78,8 @@ def test_read_after_step_is_ordered_after_the_update_on_a_stalled_stream(backend
         snap = [p.detach().clone() for p in model.parameters()]  # a read queued right after step()
         out = torch.func.functional_call(model, dict(model.named_parameters()), (x,))
         torch.cuda.synchronize()
-        masters = [s["master"].cuda().to(torch.bfloat16) for s in opt.state_dict()["state"].values()]
+        state = opt.state_dict()["state"]  # keyed by parameter index
+        masters = [state[i]["master"].cuda().to(torch.bfloat16) for i in range(len(old))]
         assert all(not torch.equal(o, s) for o, s in zip(old, snap)), "a read after step() saw stale weights"
         assert all(torch.equal(s, m) for s, m in zip(snap, masters))
         assert torch.equal(out, model(x))
