@@ -4,6 +4,7 @@ The order matters: the config and the model are checked first (no process group,
 then DeepSpeed builds its engine from the config without our block, then the offload hooks go onto the
 layers DeepSpeed placed. With the block absent or off this is exactly `deepspeed.initialize`.
 """
+import contextlib
 import copy
 import logging
 import warnings
@@ -39,11 +40,14 @@ class OffloadState:
             backend = "torch AdamW" if o.use_torch_optimizer_for_cpu_offload else "DeepSpeed CPU Adam"
             n = self.optimizer.split_info()["cpu_numel"]
             # 16 bytes per element on the host: fp32 master, gradient buffer and both moments.
+            freed = ("their fp32 masters and moments are freed on the GPU ({:.2f} GiB)".format(12 * n / 2**30)
+                     if hasattr(self.optimizer, "tails") else  # HybridZeroOptimizer: DeepSpeed's partition is cut
+                     f"on the GPU their moments are freed ({8 * n / 2**30:.2f} GiB) while DeepSpeed keeps its fp32 "
+                     "copy of them")
             parts.append(f"{o.optimizer_offload_fraction:.0%} of the optimizer on the CPU ({backend}"
                          f"{', overlapped' if o.overlap_cpu_optimizer_d2h_h2d else ''}): {n / 1e6:.2f}M elements "
                          f"with fp32 masters, moments and gradient buffers in CPU memory ({16 * n / 2**30:.2f} GiB); "
-                         f"on the GPU their moments are freed ({8 * n / 2**30:.2f} GiB) while DeepSpeed keeps its "
-                         "fp32 copy of them")
+                         + freed)
         return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
 
     def remove(self):
@@ -120,6 +124,18 @@ def _refresh_masters_after_load(engine, hybrid):
     engine.load_checkpoint = load_checkpoint
 
 
+def _deepspeed_zero_optimizer_runs(ds_config):
+    """Whether DeepSpeed will step with its ZeRO-1/2 optimizer (the path where the fp32 partition is cut).
+
+    ZeRO-0 (FP16/BF16 wrappers or the bare optimizer) and bf16 ZeRO-1 with fp32 gradient accumulation
+    (DeepSpeed's BF16_Optimizer) get the hybrid as a client optimizer instead.
+    """
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    bf16 = any((ds_config.get(k) or {}).get("enabled") for k in ("bf16", "bfloat16"))
+    accum = str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+    return stage in (1, 2) and not (bf16 and stage == 1 and accum in ("fp32", "float32", "float"))
+
+
 def _rank0():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
@@ -140,6 +156,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             raise ConfigError([(f"{BLOCK}.model.cpu_offloading", f"no transformer layer list found on "
                                 f"{type(unwrap(model)).__name__}. Fix: pass layers=<module list or dotted path>.")])
 
+    builds = contextlib.nullcontext()
     if cfg.optimizer.enabled:
         from .optimizer import HybridDeviceOptimizer, prepare_hybrid_optimizer
         if optimizer is not None and not isinstance(optimizer, HybridDeviceOptimizer):
@@ -151,15 +168,27 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             if "optimizer" not in ds_config:
                 raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
-            params = model_parameters if model_parameters is not None else model.parameters()
-            optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)
-            model_parameters = None
+            if _deepspeed_zero_optimizer_runs(ds_config):
+                from .optimizer.zero import deepspeed_builds_hybrid_zero
+                builds = deepspeed_builds_hybrid_zero(cfg.optimizer)
+            else:
+                params = model_parameters if model_parameters is not None else model.parameters()
+                optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)
+                model_parameters = None
         state.optimizer = optimizer
 
     import deepspeed
-    engine, opt, loader, sched = deepspeed.initialize(
-        args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
-        training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
+    with builds:
+        engine, opt, loader, sched = deepspeed.initialize(
+            args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
+            training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
+    if cfg.optimizer.enabled and state.optimizer is None:
+        from .optimizer.zero import HybridZeroOptimizer
+        if not isinstance(engine.optimizer, HybridZeroOptimizer):
+            raise RuntimeError(f"ds_offload: DeepSpeed built {type(engine.optimizer).__name__}, not its ZeRO-1/2 "
+                               "optimizer, so the optimizer offload did not take; this is a bug, please report it "
+                               "with your config")
+        state.optimizer = engine.optimizer
 
     if cfg.model.enabled:
         m = cfg.model
@@ -173,8 +202,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         else:
             warnings.warn("ds_offload: no CUDA device, so layer-level offloading is off for this run "
                           "(the optimizer split still runs, both parts on the CPU).", stacklevel=2)
-    if state.optimizer is not None:
-        _refresh_masters_after_load(engine, state.optimizer)
+    if state.optimizer is not None and hasattr(state.optimizer, "refresh_masters_from_params"):
+        _refresh_masters_after_load(engine, state.optimizer)  # the client-optimizer path (ZeRO-0, BF16_Optimizer)
     engine.ds_offload = state
     if _rank0():
         logger.warning(state.summary())

@@ -83,3 +83,27 @@ def test_every_mode_matches_plain_deepspeed(dist, stage, mode):
         assert state.optimizer.split_info()["cpu_numel"] > 0
         assert "of the optimizer on the CPU" in state.summary()
     state.close()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_optimizer_offload_frees_12_bytes_per_offloaded_element(dist, stage):
+    """Through initialize under ZeRO-1/2: the fp32 masters and both moments of the offloaded share leave the GPU."""
+    import deepspeed
+    held = {}
+    for fraction in (None, 0.5):
+        block = None if fraction is None else {"optimizer": {"optimizer_cpu_offload": True,
+                                                             "optimizer_offload_fraction": fraction}}
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        losses, engine = train(deepspeed.initialize if block is None else ds_offload.initialize,
+                               ds_config(stage, block))
+        engine.zero_grad()
+        torch.cuda.synchronize()
+        held[fraction] = torch.cuda.memory_allocated() - before
+        offloaded = engine.optimizer.split_info()["cpu_numel"] if block else 0
+        if block:
+            engine.ds_offload.close()
+        del engine
+    freed = held[None] - held[0.5]
+    print(f"\nZeRO-{stage}: {offloaded} elements offloaded, {freed} bytes freed ({freed / offloaded:.2f} per element)")
+    assert freed >= 0.9 * 12 * offloaded

@@ -1,0 +1,298 @@
+"""The optimizer offload inside DeepSpeed's ZeRO-1/2 optimizer: each rank's flat fp32 partition cut in two.
+
+Why a subclass: handed to DeepSpeed as a client optimizer, the hybrid can free only the moments of its share,
+because DeepSpeed's ZeRO optimizer keeps the whole fp32 partition on the GPU and reads it right after
+`step()`. Here DeepSpeed's own stage-1/2 optimizer is kept and its partition is cut at element `P - c`
+(`c = round(f * P)` of the rank's `P` elements, per param group): the GPU keeps the head, stepped by
+DeepSpeed's optimizer exactly as before; the tail's fp32 master, both moments and an fp32 gradient buffer
+live in CPU memory and are stepped by DeepSpeed's CPU Adam op. Reduction, the global norm, clipping, loss
+scaling and overflow skips stay DeepSpeed's (the cut acts after them), so the numbers are plain
+DeepSpeed's; GPU bytes freed per offloaded element: 12 (master and moments). Checkpoints are written in
+DeepSpeed's layout (whole partitions), so they load with or without the block, either way.
+
+The CPU step runs inside `step()`, after the GPU head's; it does not overlap with backward yet.
+"""
+import contextlib
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
+from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+from .cpu_adam import CpuAdamBackend
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _host(numel, dtype, pin):
+    t = torch.zeros(numel, dtype=dtype)
+    return t.pin_memory() if pin else t
+
+
+class _CpuTail:
+    """The offloaded tail of one param group's partition, in CPU memory."""
+
+    def __init__(self, start, numel, lp_dtype, pin):
+        self.start = start  # start => first offloaded element of the rank's partition (P - c)
+        self.master = _host(numel, torch.float32, pin)  # master => fp32 master weights of the tail
+        self.grad = _host(numel, torch.float32, pin)  # grad => the tail's fp32 gradient, unscaled and clipped
+        self.exp_avg = _host(numel, torch.float32, False)  # exp_avg => Adam's first moment
+        self.exp_avg_sq = _host(numel, torch.float32, False)  # exp_avg_sq => Adam's second moment
+        self.staging = _host(numel, lp_dtype, pin)  # staging => low-precision gradients in, weights out
+        self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
+        self.copied = None  # copied => event after the gradient's copy to `staging`
+
+    @property
+    def numel(self):
+        return self.master.numel()
+
+
+class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
+    """DeepSpeed's ZeRO-1/2 optimizer with the last `optimizer_offload_fraction` of each partition on the CPU."""
+
+    offload = None  # the OptimizerOffloadConfig, set by `zero_optimizer_class`
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.cpu_offload:
+            raise ValueError("HybridZeroOptimizer with zero_optimization.offload_optimizer: config validation "
+                             "refuses two optimizer offloads; this is a bug if you see it")
+        basic = self.optimizer
+        self.adamw_mode = bool(getattr(basic, "adam_w_mode", isinstance(basic, torch.optim.AdamW)))
+        pin = torch.cuda.is_available() and self.offload.pin_cpu_params
+        self.tails = []  # tails => per param group, its _CpuTail, or None when nothing of it is offloaded
+        self.backend = CpuAdamBackend(self.offload.use_torch_optimizer_for_cpu_offload, self.adamw_mode)
+        for i, fp32 in enumerate(self.single_partition_of_fp32_groups):
+            size = fp32.numel()
+            c = int(round(self.offload.optimizer_offload_fraction * size))
+            if c == 0:
+                self.tails.append(None)
+                continue
+            lp = self.parallel_partitioned_bit16_groups[i][0].dtype
+            tail = _CpuTail(size - c, c, lp, pin)
+            tail.master.copy_(fp32.detach()[size - c:])
+            head = fp32.detach()[:size - c].clone()
+            head.requires_grad = True
+            self.single_partition_of_fp32_groups[i] = head
+            self.optimizer.param_groups[i]["params"] = [head]
+            self.backend.register((tail.master, tail.grad, tail.exp_avg, tail.exp_avg_sq))
+            self.tails.append(tail)
+        self._unlink_hp_params()
+        if any(self.tails):
+            self.backend.start()
+
+    def _unlink_hp_params(self):
+        """DeepSpeed's fp32 views of each parameter point into the uncut partition and would keep it alive;
+        they serve `safe_get_full_fp32_param` and universal checkpoints, which this optimizer does not."""
+        for group in self.bit16_groups:
+            for p in group:
+                p._hp_mapping = None
+        self._hp_optimizer_states_linked = True
+
+    # ------------------------------------------------------------------------------------------ step
+    def step(self, closure=None):
+        if not any(self.tails):
+            return super().step(closure)
+        self.micro_step_id = INITIAL_MICRO_STEP_ID
+        if not self.compute_grad_norm:
+            self._global_grad_norm = None
+        self.overflow = False
+        if self.check_grad_overflow:
+            self.check_overflow(partition_gradients=self.partition_gradients)
+        norm = None
+        if self.compute_grad_norm and not self.overflow:
+            norm = self.scaled_global_norm()
+            if (self.dtype != torch.bfloat16 or self.check_grad_overflow) and is_invalid_grad_norm(norm):
+                self.overflow = True
+        prev_scale = self.loss_scale
+        self._update_scale(self.overflow)
+        if self.overflow:  # the whole step is skipped, both parts: DeepSpeed's rule
+            if self.compute_grad_norm:
+                self._global_grad_norm = float("inf")
+            self.zero_grad(set_to_none=True)
+            self._release_preflattened_grad_buffers()
+            for k in self.averaged_gradients.keys():
+                self.averaged_gradients[k] = None
+                self.all_grad_tensors[k] = None
+            return
+        if norm is not None:
+            self._global_grad_norm = norm / prev_scale
+        for i in range(len(self.bit16_groups)):
+            self._step_group(i, norm)
+        all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
+                             partitioned_param_groups=self.parallel_partitioned_bit16_groups,
+                             dp_process_group=self.real_dp_process_group,
+                             start_alignment_factor=self.nccl_start_alignment_factor,
+                             allgather_bucket_size=self.allgather_bucket_size)
+        for i in range(len(self.bit16_groups)):
+            self._update_model_bit16_weights(i)
+
+    def _flat_grad_partition(self, i, partition_id):
+        flat = self._get_preflattened_grad_partition(i)
+        if flat is not None:
+            return flat
+        if partition_id == dist.get_world_size(group=self.real_dp_process_group[i]) - 1:
+            return self.flatten_dense_tensors_aligned(self.averaged_gradients[i], int(self.partition_size[i]))
+        return self.flatten(self.averaged_gradients[i])
+
+    def _inverse_scale(self, norm):
+        """The factor `unscale_and_clip_grads` multiplies gradients by, as a float for the CPU tail."""
+        if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+            return 1.0
+        combined = self.loss_scale
+        if self.clip_grad > 0.:
+            clip_norm = norm
+            if is_invalid_grad_norm(clip_norm):
+                clip_norm = torch.tensor(float("inf"), dtype=torch.float, device=self.device)
+            clip = torch.clamp(((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
+            combined = clip * self.loss_scale
+        return float(1. / combined)
+
+    def _step_group(self, i, norm):
+        partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+        self.free_grad_in_param_list(self.params_not_in_partition[i])
+        flat = self._flat_grad_partition(i, partition_id)
+        head, tail = self.single_partition_of_fp32_groups[i], self.tails[i]
+        lp_partition = self.parallel_partitioned_bit16_groups[i][partition_id]
+        cut = tail.start if tail is not None else flat.numel()
+        if tail is not None:  # its gradient leaves first; the stream orders the copy before the frees below
+            tail.staging.copy_(flat[cut:], non_blocking=True)
+            tail.copied = torch.cuda.Event() if flat.is_cuda else None
+            if tail.copied is not None:
+                tail.copied.record()
+        grad = flat[:cut].to(head.dtype)
+        del flat
+        self.free_grad_in_param_list(self.params_in_partition[i])
+        self._release_preflattened_grad_buffers(i)
+        self.averaged_gradients[i] = None
+        self.all_grad_tensors[i] = None
+        self.unscale_and_clip_grads([grad], norm)
+        if head.numel():
+            head.grad = grad
+            self._optimizer_step(i)
+            head.grad = None
+            lp_partition[:cut].copy_(head.detach())
+        del grad
+        if tail is not None:
+            self._step_tail(i, tail, lp_partition, self._inverse_scale(norm))
+
+    def _step_tail(self, i, tail, lp_partition, inverse_scale):
+        if tail.copied is not None:
+            tail.copied.synchronize()
+        tail.grad.copy_(tail.staging)
+        if inverse_scale != 1.0:
+            tail.grad.mul_(inverse_scale)
+        g = self.optimizer.param_groups[i]
+        beta1, beta2 = g["betas"]
+        self.backend.run(self._tail_id(i), [(0, tail.numel, tail.step, float(g["lr"]), float(beta1), float(beta2), float(g["eps"]),
+                           float(g["weight_decay"]))])
+        tail.step += 1
+        tail.staging.copy_(tail.master)
+        lp_partition[tail.start:].copy_(tail.staging, non_blocking=True)  # ordered before the all-gather
+
+    def _tail_id(self, i):
+        """The backend's bucket id of group `i`'s tail (tails were registered in group order)."""
+        return sum(1 for t in self.tails[:i] if t is not None)
+
+    # ------------------------------------------------------------------------------ masters refresh
+    def _restore_from_bit16_weights(self):
+        """The masters from the model's low-precision weights (DeepSpeed's `refresh_fp32_params`)."""
+        for i, (partitions, head) in enumerate(zip(self.parallel_partitioned_bit16_groups,
+                                                   self.single_partition_of_fp32_groups)):
+            lp = partitions[dist.get_rank(group=self.real_dp_process_group[i])].detach()
+            tail = self.tails[i]
+            cut = tail.start if tail is not None else lp.numel()
+            if head.numel() == cut:
+                head.data.copy_(lp[:cut])
+                if tail is not None:
+                    tail.master.copy_(lp[cut:])
+            else:  # inside `_whole_partitions` (a checkpoint load): the whole partition is there
+                head.data.copy_(lp)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    @contextlib.contextmanager
+    def _whole_partitions(self):
+        """Swap in whole fp32 partitions and whole optimizer state (CPU tensors), in DeepSpeed's layout."""
+        heads = list(self.single_partition_of_fp32_groups)
+        saved = {}  # head => its optimizer state, out of the way while the whole partition stands in
+        for i, (head, tail) in enumerate(zip(heads, self.tails)):
+            if tail is None:
+                continue
+            whole = torch.cat([head.detach().cpu(), tail.master])
+            st = self.optimizer.state.pop(head, {})
+            saved[head] = st
+            self.single_partition_of_fp32_groups[i] = whole
+            self.optimizer.param_groups[i]["params"] = [whole]
+            full = {"step": int(st["step"]) if "step" in st else tail.step}
+            for key in _MOMENTS:
+                part = st[key].detach().cpu() if key in st else torch.zeros(head.numel())
+                full[key] = torch.cat([part, getattr(tail, key)])
+            self.optimizer.state[whole] = full
+        try:
+            yield heads
+        finally:
+            for i, (head, tail) in enumerate(zip(heads, self.tails)):
+                if tail is None:
+                    continue
+                whole = self.single_partition_of_fp32_groups[i]
+                self.optimizer.state.pop(whole, None)
+                if head not in self.optimizer.state and saved.get(head):  # a load sets the head's state itself
+                    self.optimizer.state[head] = saved[head]
+                self.single_partition_of_fp32_groups[i] = head
+                self.optimizer.param_groups[i]["params"] = [head]
+
+    def state_dict(self):
+        with self._whole_partitions():
+            return super().state_dict()
+
+    def load_state_dict(self, state_dict_list, load_optimizer_states=True, load_from_fp32_weights=False,
+                        checkpoint_folder=None, load_serial=None, param_shapes=None):
+        if checkpoint_folder:
+            raise NotImplementedError("universal checkpoints are not supported with cpu_offloading.optimizer; "
+                                      "load a regular DeepSpeed checkpoint, or remove the block to load this one")
+        with self._whole_partitions() as heads:
+            super().load_state_dict(state_dict_list, load_optimizer_states, load_from_fp32_weights)
+            for i, (head, tail) in enumerate(zip(heads, self.tails)):
+                if tail is None:
+                    continue
+                whole = self.single_partition_of_fp32_groups[i]
+                head.data.copy_(whole[:tail.start])
+                tail.master.copy_(whole.detach()[tail.start:])
+                st = self.optimizer.state.get(whole, {})
+                if load_optimizer_states and st:
+                    tail.step = int(st.get("step", 0))
+                    kept = {"step": st["step"]} if "step" in st else {}
+                    for key in _MOMENTS:
+                        getattr(tail, key).copy_(st[key].detach()[tail.start:])
+                        kept[key] = st[key].detach()[:tail.start].to(head.device).clone()
+                    self.optimizer.state[head] = kept
+        self._unlink_hp_params()
+
+    # ------------------------------------------------------------------------------------ reporting
+    def split_info(self):
+        total = sum(h.numel() + (t.numel if t is not None else 0)
+                    for h, t in zip(self.single_partition_of_fp32_groups, self.tails))
+        cpu = sum(t.numel for t in self.tails if t is not None)
+        return {"total_numel": total, "cpu_numel": cpu, "gpu_numel": total - cpu,
+                "num_buckets": sum(t is not None for t in self.tails),
+                "fraction": self.offload.optimizer_offload_fraction}
+
+    def close(self):
+        self.backend.close()
+
+
+def zero_optimizer_class(settings):
+    """HybridZeroOptimizer bound to the block's `cpu_offloading.optimizer` settings."""
+    return type("HybridZeroOptimizer", (HybridZeroOptimizer,), {"offload": settings})
+
+
+@contextlib.contextmanager
+def deepspeed_builds_hybrid_zero(settings):
+    """While active, DeepSpeed's engine builds its ZeRO-1/2 optimizer as a HybridZeroOptimizer."""
+    import deepspeed.runtime.engine as ds_engine
+    original = ds_engine.DeepSpeedZeroOptimizer
+    ds_engine.DeepSpeedZeroOptimizer = zero_optimizer_class(settings)
+    try:
+        yield
+    finally:
+        ds_engine.DeepSpeedZeroOptimizer = original
