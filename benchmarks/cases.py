@@ -108,6 +108,13 @@ def _shape_cases(shape):
         add("ours_combined_engine", "ours", "cases:ours_combined_engine", tier=2, params=dict(n=cn, f=0.5),
             needs_ds_build=True, mode="combined", est_s=30, budget_s=150, loss_ref="base_bf16",
             label=f"ds_offload.initialize ZeRO-2 bf16, activations N={cn} + optimizer f=0.5")
+    if not wide:  # the optimizer offload through ds_offload.initialize (ZeRO-1, bf16, clipping on) and its baseline
+        add("engine_plain_z1", "baseline", "cases:engine_plain", tier=2, params=dict(stage=1), est_s=25,
+            budget_s=120, mode="opt", loss_ref="engine_plain_z1", label="plain DeepSpeed ZeRO-1 bf16, clipping 1.0")
+        for f in fracs:
+            add(f"ours_engine_opt_f{int(f * 100)}", "ours", "cases:ours_engine_opt", tier=2,
+                params=dict(stage=1, f=f), needs_ds_build=True, mode="opt", est_s=28 + int(10 * f), budget_s=150,
+                loss_ref="engine_plain_z1", label=f"ds_offload.initialize ZeRO-1 bf16 clip 1.0, optimizer f={f}")
     # peers: optimizer offload
     for f in (0.0,) + fracs:
         if wide and f != 0.5:
@@ -416,3 +423,19 @@ def ours_combined_engine(shape, warm, steps, n, f):
     cfg = combined_engine_config(shape, n, f)
     return H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, cfg["zero_optimization"],
                                    cpu_offloading=cfg["cpu_offloading"], extra=dict(fraction=f, n=n))
+
+
+def engine_plain(shape, warm, steps, stage):
+    """Plain DeepSpeed of the engine-path optimizer cases' config."""
+    import deepspeed
+    H.init_dist_env()
+    return H.deepspeed_engine_case(deepspeed.initialize, shape, warm, steps, {"stage": stage}, gradient_clipping=1.0)
+
+
+def ours_engine_opt(shape, warm, steps, stage, f):
+    """The same config with `cpu_offloading.optimizer` at fraction `f`, through ds_offload.initialize."""
+    import ds_offload
+    H.init_dist_env()
+    block = {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": f}}
+    return H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, {"stage": stage},
+                                   extra=dict(fraction=f), gradient_clipping=1.0, cpu_offloading=block)

@@ -3,6 +3,7 @@
 bf16, ZeRO-1 and ZeRO-2, gradient clipping on: the engine path users train with. Kernels are
 deterministic on both sides, and the noise floor (two plain runs) is asserted beside the parity.
 """
+import gc
 import os
 
 import pytest
@@ -93,6 +94,7 @@ def test_optimizer_offload_frees_12_bytes_per_offloaded_element(dist, stage):
     for fraction in (None, 0.5):
         block = None if fraction is None else {"optimizer": {"optimizer_cpu_offload": True,
                                                              "optimizer_offload_fraction": fraction}}
+        gc.collect()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         losses, engine = train(deepspeed.initialize if block is None else ds_offload.initialize,
