@@ -22,6 +22,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpee
 from .cpu_adam import CpuAdamBackend
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+CHUNK_NUMEL = 32 * 1024 * 1024  # 128 MiB of fp32 per transfer: copies and the CPU step pipeline by chunk
 
 
 def _host(numel, dtype, pin):
@@ -32,15 +33,14 @@ def _host(numel, dtype, pin):
 class _CpuTail:
     """The offloaded tail of one param group's partition, in CPU memory."""
 
-    def __init__(self, start, numel, lp_dtype, pin):
+    def __init__(self, start, numel, pin):
         self.start = start  # start => first offloaded element of the rank's partition (P - c)
         self.master = _host(numel, torch.float32, pin)  # master => fp32 master weights of the tail
         self.grad = _host(numel, torch.float32, pin)  # grad => the tail's fp32 gradient, unscaled and clipped
         self.exp_avg = _host(numel, torch.float32, False)  # exp_avg => Adam's first moment
         self.exp_avg_sq = _host(numel, torch.float32, False)  # exp_avg_sq => Adam's second moment
-        self.staging = _host(numel, lp_dtype, pin)  # staging => low-precision gradients in, weights out
         self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
-        self.copied = None  # copied => event after the gradient's copy to `staging`
+        self.copied = []  # copied => per chunk: (start, end, event after its gradient's copy to `grad`)
 
     @property
     def numel(self):
@@ -68,8 +68,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             if c == 0:
                 self.tails.append(None)
                 continue
-            lp = self.parallel_partitioned_bit16_groups[i][0].dtype
-            tail = _CpuTail(size - c, c, lp, pin)
+            tail = _CpuTail(size - c, c, pin)
             tail.master.copy_(fp32.detach()[size - c:])
             head = fp32.detach()[:size - c].clone()
             head.requires_grad = True
@@ -117,8 +116,9 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             return
         if norm is not None:
             self._global_grad_norm = norm / prev_scale
+        inverse_scale = self._inverse_scale(norm)  # one device sync per step, for all the tails
         for i in range(len(self.bit16_groups)):
-            self._step_group(i, norm)
+            self._step_group(i, norm, inverse_scale)
         all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
                              partitioned_param_groups=self.parallel_partitioned_bit16_groups,
                              dp_process_group=self.real_dp_process_group,
@@ -148,18 +148,15 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             combined = clip * self.loss_scale
         return float(1. / combined)
 
-    def _step_group(self, i, norm):
+    def _step_group(self, i, norm, inverse_scale):
         partition_id = dist.get_rank(group=self.real_dp_process_group[i])
         self.free_grad_in_param_list(self.params_not_in_partition[i])
         flat = self._flat_grad_partition(i, partition_id)
         head, tail = self.single_partition_of_fp32_groups[i], self.tails[i]
         lp_partition = self.parallel_partitioned_bit16_groups[i][partition_id]
         cut = tail.start if tail is not None else flat.numel()
-        if tail is not None:  # its gradient leaves first; the stream orders the copy before the frees below
-            tail.staging.copy_(flat[cut:], non_blocking=True)
-            tail.copied = torch.cuda.Event() if flat.is_cuda else None
-            if tail.copied is not None:
-                tail.copied.record()
+        if tail is not None:  # its gradient leaves first; the stream orders the copies before the frees below
+            self._copy_grads_to_host(tail, flat[cut:])
         grad = flat[:cut].to(head.dtype)
         del flat
         self.free_grad_in_param_list(self.params_in_partition[i])
@@ -174,21 +171,39 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             lp_partition[:cut].copy_(head.detach())
         del grad
         if tail is not None:
-            self._step_tail(i, tail, lp_partition, self._inverse_scale(norm))
+            self._step_tail(i, tail, lp_partition[tail.start:], inverse_scale)
 
-    def _step_tail(self, i, tail, lp_partition, inverse_scale):
-        if tail.copied is not None:
-            tail.copied.synchronize()
-        tail.grad.copy_(tail.staging)
-        if inverse_scale != 1.0:
-            tail.grad.mul_(inverse_scale)
+    @staticmethod
+    def _copy_grads_to_host(tail, grad):
+        """Chunk by chunk, cast to fp32 on the device (the CPU would take longer than the copy) and sent to
+        the host asynchronously; the CPU steps each chunk as soon as its copy is done."""
+        tail.copied = []
+        for a in range(0, tail.numel, CHUNK_NUMEL):
+            b = min(a + CHUNK_NUMEL, tail.numel)
+            tail.grad[a:b].copy_(grad[a:b].float(), non_blocking=True)
+            event = torch.cuda.Event() if grad.is_cuda else None
+            if event is not None:
+                event.record()
+            tail.copied.append((a, b, event))
+
+    def _step_tail(self, i, tail, lp_tail, inverse_scale):
+        """Adam on the CPU, a chunk at a time while the next chunks are still arriving; each chunk's weights go
+        back (cast on the device) on the compute stream, so the all-gather and the next forward follow them."""
         g = self.optimizer.param_groups[i]
         beta1, beta2 = g["betas"]
-        self.backend.run(self._tail_id(i), [(0, tail.numel, tail.step, float(g["lr"]), float(beta1), float(beta2), float(g["eps"]),
-                           float(g["weight_decay"]))])
+        hyper = (float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
+        for a, b, event in tail.copied:
+            if event is not None:
+                event.synchronize()
+            if inverse_scale != 1.0:
+                tail.grad[a:b].mul_(inverse_scale)
+            self.backend.run(self._tail_id(i), [(a, b, tail.step, *hyper)])
+            if lp_tail.is_cuda:
+                lp_tail[a:b].copy_(tail.master[a:b].to(lp_tail.device, non_blocking=True))
+            else:
+                lp_tail[a:b].copy_(tail.master[a:b])
+        tail.copied = []
         tail.step += 1
-        tail.staging.copy_(tail.master)
-        lp_partition[tail.start:].copy_(tail.staging, non_blocking=True)  # ordered before the all-gather
 
     def _tail_id(self, i):
         """The backend's bucket id of group `i`'s tail (tails were registered in group order)."""

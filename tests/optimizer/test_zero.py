@@ -107,3 +107,12 @@ def test_fp16_overflow_skips_both_parts():
     assert max(abs(a - b) for a, b in zip(plain, ours)) < 1e-3
     assert all(t.step == engine.global_steps - engine.skipped_steps for t in engine.optimizer.tails if t)
     engine.ds_offload.close()
+
+
+def test_chunked_transfers_match_one_chunk(monkeypatch):
+    import ds_offload.optimizer.zero as Z
+    whole, _ = train(config(2, "bf16", fraction=1.0), steps=5)
+    monkeypatch.setattr(Z, "CHUNK_NUMEL", 1000)  # the tail's ~33k elements in 34 chunks
+    chunked, engine = train(config(2, "bf16", fraction=1.0), steps=5)
+    assert chunked == whole
+    engine.ds_offload.close()
