@@ -227,7 +227,11 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
     if o.optimizer_cpu_offload:
         f = float(o.optimizer_offload_fraction)
         share = n / (gpus if stage >= 1 else 1)
-        if loop == "deepspeed" or not mixed:
+        bf16_optimizer = precision == "bf16" and stage == 1 and str(
+            (ds.get("data_types") or {}).get("grad_accum_dtype") or "").lower() in ("fp32", "float32", "float")
+        if loop == "deepspeed" and mixed and stage in (1, 2) and not bf16_optimizer:
+            gpu.optimizer -= f * share * 12         # ZeRO-1/2: the cut partition's masters and moments
+        elif loop == "deepspeed" or not mixed:
             gpu.optimizer -= f * share * 8          # the moments; the fp32 master stays where the model needs it
         else:
             gpu.optimizer -= f * share * 12         # master and moments

@@ -115,9 +115,15 @@ def test_optimizer_offload_fraction():
     cfg = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
            "cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.25}}}
     est = E.estimate(s, C(cfg), micro_batch=1, gpus=2)
-    assert est.offload_gpu.optimizer == pytest.approx((12 - 0.25 * 8) * n / 2)
+    # ZeRO-1/2: DeepSpeed's partition is cut, the share's fp32 masters and moments leave the GPU.
+    assert est.offload_gpu.optimizer == pytest.approx((12 - 0.25 * 12) * n / 2)
     assert est.offload_cpu.optimizer == pytest.approx(0.25 * 16 * n / 2)
     assert est.offload_gpu.params == est.baseline_gpu.params and est.offload_gpu.grads == est.baseline_gpu.grads
+    # ZeRO-0 (and bf16 ZeRO-1 with fp32 gradient accumulation): DeepSpeed's wrapper keeps the masters.
+    for zero, extra in (({"stage": 0}, {}), ({"stage": 1}, {"data_types": {"grad_accum_dtype": "fp32"}})):
+        est = E.estimate(s, C({**cfg, "zero_optimization": zero, **extra}), micro_batch=1, gpus=2)
+        assert est.baseline_gpu.optimizer - est.offload_gpu.optimizer == pytest.approx(
+            0.25 * 8 * n / (2 if zero["stage"] else 1))
 
 
 def test_activation_offload_layers():
