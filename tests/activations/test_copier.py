@@ -16,36 +16,7 @@ from ds_offload.activations.copier import _Recast
 from ds_offload.activations.host_pool import _HostPool
 from ds_offload.models import GPT, GPTConfig, synthetic_batch
 
-CFG = GPTConfig(vocab_size=256, hidden=32, num_layers=4, num_heads=4, seq_len=16)
-
-
-def _gpt(seed=0):
-    torch.manual_seed(seed)
-    return GPT(CFG)
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_equal_grads(a, b):
-    ga, gb = _grads(a), _grads(b)
-    assert ga.keys() == gb.keys() and ga
-    for n in ga:
-        assert torch.equal(ga[n], gb[n]), n
-
-
-def _install(layers, n, **kw):
-    kw.setdefault("min_offload_bytes", 0)
-    return install_layer_offload(layers, n, offload_cpu_tensors=True, **kw)
-
-
-@pytest.fixture
-def handles():
-    made = []
-    yield made
-    for h in made:
-        h.remove()
+from activation_helpers import CFG, assert_equal_grads as _assert_equal_grads, gpt as _gpt, grads as _grads, install as _install  # noqa: E402,F401
 
 
 def _spy_copies(handle):
