@@ -6,7 +6,30 @@ import click
 
 from . import CONTEXT
 
-OPS = {"cpu_adam": "CPUAdamBuilder", "cpu_adagrad": "CPUAdagradBuilder"}
+OPS = {"cpu_adam": "CPUAdamBuilder", "cpu_adagrad": "CPUAdagradBuilder", "fused_adam": "FusedAdamBuilder"}
+
+
+def fix_cuda_arch_list(echo=click.echo):
+    """DeepSpeed 0.19 parses torch's CUDA arch list as numbers, and torch 2.11 (CUDA 13) lists `sm_90a`: its JIT
+    builds then fail with "invalid literal for int() with base 10: '0a'" (pytorch issue 144037). Without a
+    TORCH_CUDA_ARCH_LIST of the user's, set it to this GPU's compute capability for the builds started here."""
+    import torch
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or not torch.cuda.is_available():
+        return None
+    if not any(a[-1:].isalpha() for a in torch.cuda.get_arch_list()):  # sm_90a, sm_100f, ...
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    value = f"{major}.{minor}"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = value
+    echo(f"TORCH_CUDA_ARCH_LIST={value} set for these builds: torch lists arch-specific targets "
+         f"({', '.join(torch.cuda.get_arch_list())}) that DeepSpeed 0.19's JIT build cannot parse. For builds inside "
+         f"your own runs, export TORCH_CUDA_ARCH_LIST={value} too.")
+    return value
+
+
+def is_built(name):
+    where = op_cache_dir(name)
+    return bool(where) and os.path.exists(os.path.join(where, f"{name}.so"))
 
 
 def op_cache_dir(name):
@@ -25,13 +48,16 @@ def build_op(name, verbose=False, echo=click.echo):
     where = op_cache_dir(name)
     if not builder.is_compatible(verbose=True):
         raise click.ClickException(f"DeepSpeed says {name} cannot be built here (see the messages above).")
-    echo(f"{name}: compiling DeepSpeed's C++ {name} kernel (SIMD, OpenMP) with the system compiler and ninja; "
-         f"the result is cached in {where} and reused by every later run (otherwise this happens on first use: "
-         "~60 s on 2 cores, ~40 s on 16)...")
+    if is_built(name):
+        echo(f"{name}: already built in {where}; loading it")
+    else:
+        echo(f"{name}: compiling DeepSpeed's {name} kernel with the system compiler and ninja; the result is "
+             f"cached in {where} and reused by every later run (otherwise this happens on first use: ~60-100 s on "
+             "2 cores, ~40 s on 16)...")
     t0 = time.perf_counter()
     builder.load(verbose=verbose)
     secs = time.perf_counter() - t0
-    echo(f"{name}: ready in {secs:.1f} s" + (" (it was already built)" if secs < 5 else ""))
+    echo(f"{name}: ready in {secs:.1f} s")
     return secs
 
 
@@ -48,5 +74,6 @@ def build_ops(ops, verbose):
     """
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                           else os.cpu_count() or 1))
+    fix_cuda_arch_list()
     for name in ops:
         build_op(name, verbose=verbose)

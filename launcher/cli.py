@@ -11,6 +11,7 @@ from . import CONTEXT
 
 
 @click.group(context_settings=CONTEXT)
+@click.version_option(package_name="ds_offload", prog_name="ds-offload")
 def main():
     """Megatron-Bridge-style CPU offloading for DeepSpeed.
 

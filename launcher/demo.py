@@ -37,14 +37,13 @@ def _prebuild_cpu_adam(config):
     """The first use of DeepSpeed's CPU Adam compiles it (~60 s on 2 cores): say so rather than look stuck.
 
     `config`: an OffloadConfig."""
+    from .build_ops import build_op, fix_cuda_arch_list, is_built
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    fix_cuda_arch_list(echo=echo)  # DeepSpeed's own JIT builds in this process (fused_adam on a GPU) need it too
     opt = config.optimizer
-    if not opt.optimizer_cpu_offload or opt.use_torch_optimizer_for_cpu_offload:
+    if not opt.optimizer_cpu_offload or opt.use_torch_optimizer_for_cpu_offload or is_built("cpu_adam"):
         return
-    from .build_ops import build_op, op_cache_dir
-    d = op_cache_dir("cpu_adam")
-    if d and any(Path(d).glob("*.so")):
-        return
-    build_op("cpu_adam", echo=lambda m: click.echo(m, err=True))
+    build_op("cpu_adam", echo=echo)
 
 
 @click.command(context_settings=CONTEXT)

@@ -174,8 +174,11 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
     for key, situation, rec in QUICK_DECISION:
         mark = "->" if key in applied else "  "
         click.echo(f"  {mark} {situation}: {rec}")
-    if not applied:
+    if not applied and not fits:
         click.echo("  (none flagged for this case; pass --gpu-memory to judge the memory pressure)")
+    elif not applied:
+        click.echo("  (none applies: no offload setting fits this GPU; reduce the micro-batch or sequence, add "
+                   "data-parallel ranks (ZeRO-2/3 shard gradients and states), or use pipeline stages)")
 
     if cost is not None:
         click.echo("\nstep-time cost from measurements:")

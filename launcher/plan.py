@@ -88,6 +88,8 @@ def advice(est, config=None, pipeline_stages=1, fits=None):
             f = fits["optimizer_fraction"]
             if f is not None and f <= 0.5:
                 apply.append("moderate")
+            elif f is not None:
+                apply.append("tunable")  # it fits, but only with more than half of the optimizer on the CPU
             acts = est.baseline_gpu.activations
             static = est.baseline_gpu.total - acts
             if acts > static and pipeline_stages <= 1 and not cuda_graphs and fits["activation_layers"] is not None:
