@@ -4,6 +4,7 @@ Kept beside the examples (not in the library) because it is example code: a user
 """
 import json
 import os
+import sys
 import time
 
 import torch
@@ -76,3 +77,14 @@ def _report(engine, args, losses, times, peaks, world):
             json.dump(summary, fh, indent=2)
         print(f"losses written to {args.losses_out}")
     return summary
+
+
+def run(main):
+    """Run `main()`; a bad config is its list of problems and exit status 1, not a traceback on every rank."""
+    from ds_offload import ConfigError
+    try:
+        main()
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr)
+        sys.exit(1)

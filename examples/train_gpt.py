@@ -18,7 +18,7 @@ import ds_offload
 from ds_offload.arguments import add_config_arguments
 from ds_offload.models import GPT, GPT_SHAPES, GPTConfig
 
-from _train_loop import init_ranks, train
+from _train_loop import init_ranks, run, train
 
 MODELS = {name: GPT_SHAPES[f"{name}-gpt"] for name in ("tiny", "small", "reference")}
 
@@ -68,4 +68,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -19,7 +19,7 @@ import torch
 import ds_offload
 from ds_offload.arguments import add_config_arguments
 
-from _train_loop import init_ranks, train
+from _train_loop import init_ranks, run, train
 
 
 def parse_args():
@@ -77,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

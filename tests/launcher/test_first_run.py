@@ -62,3 +62,18 @@ def test_estimate_gives_advice_when_gpu_memory_is_given(tmp_path):
         assert res.exit_code == 0, res.output
         assert "pass --gpu-memory" not in res.output
         assert "->" in res.output or "none applies: no offload setting fits" in res.output
+
+
+def test_example_with_a_bad_config_prints_the_problems_and_exits_1(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1,
+                               "cpu_offloading": {"optimizer": {"optimizer_offload_fraction": 1.5}}}))
+    res = subprocess.run([sys.executable, os.path.join(root, "examples", "train_gpt.py"), "--deepspeed_config",
+                          str(cfg), "--steps", "1"], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
+    assert res.returncode == 1, res.stderr
+    assert "cpu_offloading.optimizer.optimizer_offload_fraction" in res.stderr
+    assert "Traceback" not in res.stderr
