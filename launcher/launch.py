@@ -62,8 +62,9 @@ _TYPE_NAMES = {int: "an integer", bool: "true or false", str: "a string"}
 class OverrideError(Exception):
     """Problems with KEY=VALUE overrides: a list of (key, message)."""
 
-    def __init__(self, errors):
+    def __init__(self, errors, config=None):
         self.errors = errors
+        self.config = config  # config => the config with the overrides that were fine applied
         super().__init__("; ".join(f"{k}: {m}" for k, m in errors))
 
 
@@ -306,7 +307,7 @@ def apply_overrides(config, overrides):
             errors.append((key, str(e)))
     errors += _check_sections(config, touched - {BLOCK})
     if errors:
-        raise OverrideError(errors)
+        raise OverrideError(errors, config)
     return config
 
 
@@ -483,15 +484,16 @@ def launch(ctx, dry_run, resolved_config, script, script_args, **deepspeed_optio
             config = read_json(path)
         except ConfigError as e:
             _fail(e.errors, source=path)
+        override_errors = []
         try:
             config = apply_overrides(config, overrides)
-        except OverrideError as e:
-            _fail(e.errors, source=path, what="override")
+        except OverrideError as e:  # the config is still checked, so every problem is reported in one pass
+            override_errors, config = e.errors, e.config
         errors, warns = check_config(config)
         for p, m in warns:
             click.echo(f"ds-offload: warning {p}: {m}", err=True)
-        if errors:
-            _fail(errors, source=path)
+        if override_errors or errors:
+            _fail(override_errors + errors, source=path)
         schema = config.get("$schema")
         if isinstance(schema, str) and not re.match(r"^[a-z]+://", schema) and not os.path.isabs(schema):
             config["$schema"] = str((Path(path).resolve().parent / schema).resolve())

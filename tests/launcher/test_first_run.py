@@ -77,3 +77,16 @@ def test_example_with_a_bad_config_prints_the_problems_and_exits_1(tmp_path):
     assert res.returncode == 1, res.stderr
     assert "cpu_offloading.optimizer.optimizer_offload_fraction" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_launch_reports_override_and_config_problems_in_one_pass(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimisation": {},
+                               "cpu_offloading": {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 2.0}}}))
+    res = CliRunner().invoke(main, ["launch", "--dry-run", "s.py", "--deepspeed_config", str(cfg),
+                                    "optimizer.optimizer_offload_fraction=oops", "model.cpu_offloading_weights=true"])
+    assert res.exit_code == 1
+    out = res.output
+    assert "optimizer.optimizer_offload_fraction" in out  # the override that failed
+    assert "cpu_offloading.model.cpu_offloading_num_layers" in out  # the file's own problem
+    assert "cpu_offloading.model.cpu_offloading_weights" in out  # a good override's consequence
