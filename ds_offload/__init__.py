@@ -16,6 +16,7 @@ _LAZY = {
     "estimate_offloading_memory_savings": "memory",
     "install_layer_offload": "activations",
     "add_config_arguments": "arguments",
+    "patch_deepspeed_initialize": "integrations",
 }
 
 __all__ = ["ConfigError", "OffloadConfig", "ModelOffloadConfig", "OptimizerOffloadConfig", "load_config",

@@ -141,8 +141,11 @@ def _rank0():
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
-               config=None, layers=None, **deepspeed_kwargs):
-    """Drop-in for `deepspeed.initialize`; returns (engine, optimizer, dataloader, lr_scheduler)."""
+               config=None, layers=None, _deepspeed_initialize=None, **deepspeed_kwargs):
+    """Drop-in for `deepspeed.initialize`; returns (engine, optimizer, dataloader, lr_scheduler).
+
+    `_deepspeed_initialize`: the DeepSpeed entry point to call (`patch_deepspeed_initialize` passes the original).
+    """
     if model is None:
         raise ConfigError([("model", "ds_offload.initialize needs model=. Fix: pass the nn.Module to train.")])
     source = _config_source(args, config)
@@ -159,12 +162,18 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     builds = contextlib.nullcontext()
     if cfg.optimizer.enabled:
         from .optimizer import HybridDeviceOptimizer, prepare_hybrid_optimizer
-        if optimizer is not None and not isinstance(optimizer, HybridDeviceOptimizer):
+        client_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and \
+            _deepspeed_zero_optimizer_runs(ds_config)  # DeepSpeed's ZeRO optimizer wraps it; the cut applies
+        if optimizer is not None and not isinstance(optimizer, HybridDeviceOptimizer) and not client_adam:
             raise ConfigError([(f"{BLOCK}.optimizer.optimizer_cpu_offload",
                                 f"a client optimizer ({type(optimizer).__name__}) was passed while the block asks "
                                 "ds_offload to build the hybrid optimizer. Fix: drop optimizer= and describe it in "
-                                "the config's optimizer section (Adam or AdamW).")])
-        if optimizer is None:
+                                "the config's optimizer section (Adam or AdamW); under ZeRO-1/2 a torch.optim.Adam "
+                                "or AdamW is accepted too.")])
+        if client_adam:
+            from .optimizer.zero import deepspeed_builds_hybrid_zero
+            builds = deepspeed_builds_hybrid_zero(cfg.optimizer)
+        elif optimizer is None:
             if "optimizer" not in ds_config:
                 raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
@@ -175,11 +184,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                 params = model_parameters if model_parameters is not None else model.parameters()
                 optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)
                 model_parameters = None
-        state.optimizer = optimizer
+        state.optimizer = None if client_adam else optimizer
 
     import deepspeed
     with builds:
-        engine, opt, loader, sched = deepspeed.initialize(
+        engine, opt, loader, sched = (_deepspeed_initialize or deepspeed.initialize)(
             args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
             training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
     if cfg.optimizer.enabled and state.optimizer is None:
