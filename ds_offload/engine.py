@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import BLOCK, OffloadConfig, load_config
+from .config import BLOCK, OffloadConfig, bf16_optimizer_runs, load_config
 from .errors import ConfigError
 from .layers import find_layers, unwrap
 
@@ -44,8 +44,9 @@ class OffloadState:
                      if hasattr(self.optimizer, "tails") else  # HybridZeroOptimizer: DeepSpeed's partition is cut
                      f"on the GPU their moments are freed ({8 * n / 2**30:.2f} GiB) while DeepSpeed keeps its fp32 "
                      "copy of them")
+            overlapped = o.overlap_cpu_optimizer_d2h_h2d and not hasattr(self.optimizer, "tails")
             parts.append(f"{o.optimizer_offload_fraction:.0%} of the optimizer on the CPU ({backend}"
-                         f"{', overlapped' if o.overlap_cpu_optimizer_d2h_h2d else ''}): {n / 1e6:.2f}M elements "
+                         f"{', overlapped' if overlapped else ''}): {n / 1e6:.2f}M elements "
                          f"with fp32 masters, moments and gradient buffers in CPU memory ({16 * n / 2**30:.2f} GiB); "
                          + freed)
         return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
@@ -132,8 +133,18 @@ def _deepspeed_zero_optimizer_runs(ds_config):
     """
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     bf16 = any((ds_config.get(k) or {}).get("enabled") for k in ("bf16", "bfloat16"))
-    accum = str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
-    return stage in (1, 2) and not (bf16 and stage == 1 and accum in ("fp32", "float32", "float"))
+    return stage in (1, 2) and not bf16_optimizer_runs(stage, bf16, ds_config)
+
+
+def _hybrid_zero(settings):
+    """DeepSpeed builds its ZeRO-1/2 optimizer with the partition cut; overlap is not a choice there (yet)."""
+    from .optimizer.zero import deepspeed_builds_hybrid_zero
+    if settings.overlap_cpu_optimizer_d2h_h2d:
+        warnings.warn(f"{BLOCK}.optimizer.overlap_cpu_optimizer_d2h_h2d: under ZeRO-1/2 the CPU step runs inside "
+                      "step(), pipelined with its own copies, and does not overlap with backward yet, so this key "
+                      "changes nothing. Fix: leave it out, or use ZeRO-0 for the overlapped client optimizer.",
+                      stacklevel=3)
+    return deepspeed_builds_hybrid_zero(settings)
 
 
 def _rank0():
@@ -171,15 +182,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                 "the config's optimizer section (Adam or AdamW); under ZeRO-1/2 a torch.optim.Adam "
                                 "or AdamW is accepted too.")])
         if client_adam:
-            from .optimizer.zero import deepspeed_builds_hybrid_zero
-            builds = deepspeed_builds_hybrid_zero(cfg.optimizer)
+            builds = _hybrid_zero(cfg.optimizer)
         elif optimizer is None:
             if "optimizer" not in ds_config:
                 raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
             if _deepspeed_zero_optimizer_runs(ds_config):
-                from .optimizer.zero import deepspeed_builds_hybrid_zero
-                builds = deepspeed_builds_hybrid_zero(cfg.optimizer)
+                builds = _hybrid_zero(cfg.optimizer)
             else:
                 params = model_parameters if model_parameters is not None else model.parameters()
                 optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from ..config import OffloadConfig
+from ..config import OffloadConfig, bf16_optimizer_runs
 from .model_spec import ModelSpec
 
 GiB = 1024 ** 3
@@ -163,8 +163,7 @@ def _static_per_param(precision, loop, stage, ds):
     """
     if precision not in ("bf16", "fp16"):
         return 4, 4, 8
-    accum = str((ds.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
-    if loop == "deepspeed" and precision == "bf16" and stage == 1 and accum in ("fp32", "float32", "float"):
+    if loop == "deepspeed" and bf16_optimizer_runs(stage, precision == "bf16", ds):
         return 2, 2, 16
     return 2, 6, 12
 
@@ -227,9 +226,7 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
     if o.optimizer_cpu_offload:
         f = float(o.optimizer_offload_fraction)
         share = n / (gpus if stage >= 1 else 1)
-        bf16_optimizer = precision == "bf16" and stage == 1 and str(
-            (ds.get("data_types") or {}).get("grad_accum_dtype") or "").lower() in ("fp32", "float32", "float")
-        if loop == "deepspeed" and mixed and stage in (1, 2) and not bf16_optimizer:
+        if loop == "deepspeed" and mixed and stage in (1, 2) and not bf16_optimizer_runs(stage, precision == "bf16", ds):
             gpu.optimizer -= f * share * 12         # ZeRO-1/2: the cut partition's masters and moments
         elif loop == "deepspeed" or not mixed:
             gpu.optimizer -= f * share * 8          # the moments; the fp32 master stays where the model needs it

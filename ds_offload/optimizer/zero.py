@@ -33,10 +33,10 @@ def _host(numel, dtype, pin):
 class _CpuTail:
     """The offloaded tail of one param group's partition, in CPU memory."""
 
-    def __init__(self, start, numel, pin):
+    def __init__(self, start, numel, pin_params, pin_grads):
         self.start = start  # start => first offloaded element of the rank's partition (P - c)
-        self.master = _host(numel, torch.float32, pin)  # master => fp32 master weights of the tail
-        self.grad = _host(numel, torch.float32, pin)  # grad => the tail's fp32 gradient, unscaled and clipped
+        self.master = _host(numel, torch.float32, pin_params)  # master => fp32 master weights of the tail
+        self.grad = _host(numel, torch.float32, pin_grads)  # grad => the tail's fp32 gradient, unscaled and clipped
         self.exp_avg = _host(numel, torch.float32, False)  # exp_avg => Adam's first moment
         self.exp_avg_sq = _host(numel, torch.float32, False)  # exp_avg_sq => Adam's second moment
         self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
@@ -59,7 +59,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                              "refuses two optimizer offloads; this is a bug if you see it")
         basic = self.optimizer
         self.adamw_mode = bool(getattr(basic, "adam_w_mode", isinstance(basic, torch.optim.AdamW)))
-        pin = torch.cuda.is_available() and self.offload.pin_cpu_params
+        cuda = torch.cuda.is_available()
+        pins = (cuda and self.offload.pin_cpu_params, cuda and self.offload.pin_cpu_grads)
         self.tails = []  # tails => per param group, its _CpuTail, or None when nothing of it is offloaded
         self.backend = CpuAdamBackend(self.offload.use_torch_optimizer_for_cpu_offload, self.adamw_mode)
         for i, fp32 in enumerate(self.single_partition_of_fp32_groups):
@@ -68,7 +69,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             if c == 0:
                 self.tails.append(None)
                 continue
-            tail = _CpuTail(size - c, c, pin)
+            tail = _CpuTail(size - c, c, *pins)
             tail.master.copy_(fp32.detach()[size - c:])
             head = fp32.detach()[:size - c].clone()
             head.requires_grad = True

@@ -2,7 +2,6 @@
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,18 +9,10 @@ from click.testing import CliRunner
 
 from ds_offload_cli import launch as launch_mod
 from ds_offload_cli.cli import main
+from test_cli import GOOD  # one config for the launcher's tests
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="POSIX only")
 
-GOOD = {
-    "train_micro_batch_size_per_gpu": 2,
-    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-    "zero_optimization": {"stage": 1},
-    "cpu_offloading": {
-        "model": {"cpu_offloading": True, "cpu_offloading_num_layers": 2},
-        "optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5},
-    },
-}
 VICTIM_TEXT = "the user's other file\n"
 
 
