@@ -115,6 +115,16 @@ def _shape_cases(shape):
             add(f"ours_engine_opt_f{int(f * 100)}", "ours", "cases:ours_engine_opt", tier=2,
                 params=dict(stage=1, f=f), needs_ds_build=True, mode="opt", est_s=28 + int(10 * f), budget_s=150,
                 loss_ref="engine_plain_z1", label=f"ds_offload.initialize ZeRO-1 bf16 clip 1.0, optimizer f={f}")
+            add(f"ours_engine_opt_f{int(f * 100)}_ov", "ours", "cases:ours_engine_opt", tier=2,
+                params=dict(stage=1, f=f, overlap=True), needs_ds_build=True, mode="opt", est_s=28 + int(10 * f),
+                budget_s=150, loss_ref="engine_plain_z1",
+                label=f"ds_offload.initialize ZeRO-1 bf16 clip 1.0, optimizer f={f}, CPU step behind the next forward")
+        add("engine_plain_z2", "baseline", "cases:engine_plain", tier=2, params=dict(stage=2), est_s=25,
+            budget_s=120, mode="opt", loss_ref="engine_plain_z2", label="plain DeepSpeed ZeRO-2 bf16, clipping 1.0")
+        add("ours_engine_opt_z2_f50_ov", "ours", "cases:ours_engine_opt", tier=2,
+            params=dict(stage=2, f=0.5, overlap=True), needs_ds_build=True, mode="opt", est_s=33, budget_s=150,
+            loss_ref="engine_plain_z2",
+            label="ds_offload.initialize ZeRO-2 bf16 clip 1.0, optimizer f=0.5, CPU step behind the next forward")
     # peers: optimizer offload
     for f in (0.0,) + fracs:
         if wide and f != 0.5:
@@ -432,10 +442,12 @@ def engine_plain(shape, warm, steps, stage):
     return H.deepspeed_engine_case(deepspeed.initialize, shape, warm, steps, {"stage": stage}, gradient_clipping=1.0)
 
 
-def ours_engine_opt(shape, warm, steps, stage, f):
+def ours_engine_opt(shape, warm, steps, stage, f, overlap=False):
     """The same config with `cpu_offloading.optimizer` at fraction `f`, through ds_offload.initialize."""
     import ds_offload
     H.init_dist_env()
-    block = {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": f}}
+    block = {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": f,
+                           "overlap_cpu_optimizer_d2h_h2d": overlap}}
     return H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, {"stage": stage},
-                                   extra=dict(fraction=f), gradient_clipping=1.0, cpu_offloading=block)
+                                   extra=dict(fraction=f, overlap=overlap), gradient_clipping=1.0,
+                                   cpu_offloading=block)

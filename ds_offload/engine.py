@@ -44,12 +44,22 @@ class OffloadState:
                      if hasattr(self.optimizer, "tails") else  # HybridZeroOptimizer: DeepSpeed's partition is cut
                      f"on the GPU their moments are freed ({8 * n / 2**30:.2f} GiB) while DeepSpeed keeps its fp32 "
                      "copy of them")
-            overlapped = o.overlap_cpu_optimizer_d2h_h2d and not hasattr(self.optimizer, "tails")
+            zero = hasattr(self.optimizer, "tails")
+            overlapped = (", its step overlapping the next forward" if zero and self.optimizer.tail_steps.deferred
+                          else ", overlapped" if o.overlap_cpu_optimizer_d2h_h2d and not zero else "")
             parts.append(f"{o.optimizer_offload_fraction:.0%} of the optimizer on the CPU ({backend}"
-                         f"{', overlapped' if overlapped else ''}): {n / 1e6:.2f}M elements "
+                         f"{overlapped}): {n / 1e6:.2f}M elements "
                          f"with fp32 masters, moments and gradient buffers in CPU memory ({16 * n / 2**30:.2f} GiB); "
                          + freed)
         return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
+
+    def wait(self):
+        """Land the optimizer's last step in the weights. With `overlap_cpu_optimizer_d2h_h2d` under ZeRO-1/2,
+        `step()` returns before the CPU share's updated weights are back; forwards, `state_dict()` and
+        checkpoints wait for them by themselves, any other read of the parameters (`p.data`, an EMA, a
+        functional call) must call this first."""
+        if self.optimizer is not None and hasattr(self.optimizer, "wait"):
+            self.optimizer.wait()
 
     def remove(self):
         """Uninstall the layer hooks; the optimizer keeps working."""
@@ -137,13 +147,8 @@ def _deepspeed_zero_optimizer_runs(ds_config):
 
 
 def _hybrid_zero(settings):
-    """DeepSpeed builds its ZeRO-1/2 optimizer with the partition cut; overlap is not a choice there (yet)."""
+    """DeepSpeed builds its ZeRO-1/2 optimizer with the partition cut."""
     from .optimizer.zero import deepspeed_builds_hybrid_zero
-    if settings.overlap_cpu_optimizer_d2h_h2d:
-        warnings.warn(f"{BLOCK}.optimizer.overlap_cpu_optimizer_d2h_h2d: under ZeRO-1/2 the CPU step runs inside "
-                      "step(), pipelined with its own copies, and does not overlap with backward yet, so this key "
-                      "changes nothing. Fix: leave it out, or use ZeRO-0 for the overlapped client optimizer.",
-                      stacklevel=3)
     return deepspeed_builds_hybrid_zero(settings)
 
 
@@ -207,6 +212,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                "optimizer, so the optimizer offload did not take; this is a bug, please report it "
                                "with your config")
         state.optimizer = engine.optimizer
+        state.optimizer.attach(engine.module)
 
     if cfg.model.enabled:
         m = cfg.model

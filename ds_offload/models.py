@@ -75,3 +75,26 @@ GPT_SHAPES = {
 }
 REFERENCE_GPT = GPT_SHAPES["reference-gpt"]
 WIDE_GPT = GPT_SHAPES["wide-gpt"]
+
+
+def learnable_batch(cfg: GPTConfig, batch_size: int, step: int = 0, device="cpu", alphabet: int = 32,
+                    jump: float = 0.1):
+    """Like `synthetic_batch`, but with structure a small model picks up within a few dozen steps.
+
+    Uniform random tokens have nothing to learn (the loss sits at log(vocab) however well the run goes), so a
+    demo on them does not look like training. Here every sequence walks one fixed random cycle through
+    `alphabet` of the vocabulary's tokens, jumping to a random point of the cycle with probability `jump`:
+    which tokens occur is learnt in the first steps, the successor rule after, and the loss keeps falling
+    towards the noise floor. The cycle and every batch come from fixed CPU seeds, so each machine sees the
+    same data (the CPU generator does not depend on the platform).
+    """
+    k = min(alphabet, cfg.vocab_size)
+    cycle = torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(4321))[:k]
+    g = torch.Generator().manual_seed(8765 + step)
+    t = torch.arange(cfg.seq_len + 1)  # one extra token: the last position's target is a real successor
+    start = torch.randint(0, k, (batch_size, t.numel()), generator=g)  # where a walk (re)starts
+    jumps = torch.rand(batch_size, t.numel(), generator=g) < jump
+    jumps[:, 0] = True
+    last = torch.where(jumps, t, 0).cummax(dim=1).values  # the latest (re)start at or before each position
+    seq = cycle[(start.gather(1, last) + t - last) % k]
+    return seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)

@@ -192,7 +192,7 @@ def make_buckets(cpu_pieces, bucket_numel=BUCKET_NUMEL):
     return buckets
 
 
-def _host_buffer(numel, pin, shared):
+def host_buffer(numel, pin, shared):
     t = torch.zeros(numel, dtype=torch.float32)
     if shared:
         t.share_memory_()
@@ -207,10 +207,10 @@ def _host_buffer(numel, pin, shared):
 
 
 def allocate_bucket(bucket, pin_params, pin_grads, shared):
-    bucket.master = _host_buffer(bucket.numel, pin_params, shared)
-    bucket.grad = _host_buffer(bucket.numel, pin_grads, shared)
-    bucket.exp_avg = _host_buffer(bucket.numel, False, shared)
-    bucket.exp_avg_sq = _host_buffer(bucket.numel, False, shared)
+    bucket.master = host_buffer(bucket.numel, pin_params, shared)
+    bucket.grad = host_buffer(bucket.numel, pin_grads, shared)
+    bucket.exp_avg = host_buffer(bucket.numel, False, shared)
+    bucket.exp_avg_sq = host_buffer(bucket.numel, False, shared)
     off = 0
     for pc in bucket.pieces:
         pc.bucket, pc.offset = bucket, off

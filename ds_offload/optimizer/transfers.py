@@ -16,11 +16,14 @@ import concurrent.futures
 import torch
 
 
-def make_streams():
+def make_streams(overlap=True):
     """The (d2h, h2d) streams of the offloaded share: side streams, so that copies overlap compute.
 
     The only place streams are made; the code that uses them also works with ``torch.cuda.current_stream()``
-    for both (copies then serialize with compute, Megatron's hybrid optimizer without overlap)."""
+    for both, which is what ``overlap=False`` gives (copies then serialize with compute, Megatron's hybrid
+    optimizer without overlap)."""
+    if not overlap:
+        return torch.cuda.current_stream(), torch.cuda.current_stream()
     return torch.cuda.Stream(), torch.cuda.Stream()
 
 

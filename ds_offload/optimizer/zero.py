@@ -10,37 +10,37 @@ scaling and overflow skips stay DeepSpeed's (the cut acts after them), so the nu
 DeepSpeed's; GPU bytes freed per offloaded element: 12 (master and moments). Checkpoints are written in
 DeepSpeed's layout (whole partitions), so they load with or without the block, either way.
 
-The CPU step runs inside `step()`, after the GPU head's; it does not overlap with backward yet.
+The tail's round trip (gradient D2H, CPU Adam, weights H2D) is tail_steps.py's. With
+`overlap_cpu_optimizer_d2h_h2d` and one data-parallel rank, `step()` returns before it has landed and the
+next forward waits per chunk (`attach`), which hides the CPU step behind that forward; with more ranks the
+all-gather needs the whole partition, so `step()` waits. The CPU step does not start during backward: the
+clip coefficient and the overflow verdict are known only after it.
 """
 import contextlib
+import warnings
 
 import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
-from .cpu_adam import CpuAdamBackend
+from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
+from .layout import host_buffer
+from .tail_steps import TailSteps, chunk_spans
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-CHUNK_NUMEL = 32 * 1024 * 1024  # 128 MiB of fp32 per transfer: copies and the CPU step pipeline by chunk
-
-
-def _host(numel, dtype, pin):
-    t = torch.zeros(numel, dtype=dtype)
-    return t.pin_memory() if pin else t
 
 
 class _CpuTail:
     """The offloaded tail of one param group's partition, in CPU memory."""
 
-    def __init__(self, start, numel, pin_params, pin_grads):
+    def __init__(self, start, numel, pin_params, pin_grads, shared):
         self.start = start  # start => first offloaded element of the rank's partition (P - c)
-        self.master = _host(numel, torch.float32, pin_params)  # master => fp32 master weights of the tail
-        self.grad = _host(numel, torch.float32, pin_grads)  # grad => the tail's fp32 gradient, unscaled and clipped
-        self.exp_avg = _host(numel, torch.float32, False)  # exp_avg => Adam's first moment
-        self.exp_avg_sq = _host(numel, torch.float32, False)  # exp_avg_sq => Adam's second moment
+        self.master = host_buffer(numel, pin_params, shared)  # master => fp32 master weights of the tail
+        self.grad = host_buffer(numel, pin_grads, shared)  # grad => the tail's fp32 gradient, unscaled and clipped
+        self.exp_avg = host_buffer(numel, False, shared)  # exp_avg => Adam's first moment
+        self.exp_avg_sq = host_buffer(numel, False, shared)  # exp_avg_sq => Adam's second moment
         self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
-        self.copied = []  # copied => per chunk: (start, end, event after its gradient's copy to `grad`)
 
     @property
     def numel(self):
@@ -59,17 +59,28 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                              "refuses two optimizer offloads; this is a bug if you see it")
         basic = self.optimizer
         self.adamw_mode = bool(getattr(basic, "adam_w_mode", isinstance(basic, torch.optim.AdamW)))
+        o = self.offload
         cuda = torch.cuda.is_available()
-        pins = (cuda and self.offload.pin_cpu_params, cuda and self.offload.pin_cpu_grads)
+        one_rank = all(dist.get_world_size(group=g) == 1 for g in self.real_dp_process_group)
+        if o.overlap_cpu_optimizer_d2h_h2d and not one_rank and dist.get_rank() == 0:
+            warnings.warn("cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d: with more than one data-parallel "
+                          "rank the all-gather after step() needs each rank's whole partition, so step() waits for "
+                          "the CPU share (its copies still pipeline by chunk); the overlap with the next forward "
+                          "applies to one rank only.", stacklevel=2)
+        deferred = o.overlap_cpu_optimizer_d2h_h2d and one_rank
+        sizes = [fp32.numel() for fp32 in self.single_partition_of_fp32_groups]
+        cuts = [int(round(o.optimizer_offload_fraction * n)) for n in sizes]
+        mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
+        mode = fit_worker_mode_to_shared_memory(mode, sum(cuts))
+        self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
+                                      use_process=mode == "process")
+        shared = CpuAdamBackend.wants_shared_memory(o.use_torch_optimizer_for_cpu_offload, mode == "process")
         self.tails = []  # tails => per param group, its _CpuTail, or None when nothing of it is offloaded
-        self.backend = CpuAdamBackend(self.offload.use_torch_optimizer_for_cpu_offload, self.adamw_mode)
-        for i, fp32 in enumerate(self.single_partition_of_fp32_groups):
-            size = fp32.numel()
-            c = int(round(self.offload.optimizer_offload_fraction * size))
+        for i, (fp32, size, c) in enumerate(zip(self.single_partition_of_fp32_groups, sizes, cuts)):
             if c == 0:
                 self.tails.append(None)
                 continue
-            tail = _CpuTail(size - c, c, *pins)
+            tail = _CpuTail(size - c, c, cuda and o.pin_cpu_params, cuda and o.pin_cpu_grads, shared)
             tail.master.copy_(fp32.detach()[size - c:])
             head = fp32.detach()[:size - c].clone()
             head.requires_grad = True
@@ -78,6 +89,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.backend.register((tail.master, tail.grad, tail.exp_avg, tail.exp_avg_sq))
             self.tails.append(tail)
         self._unlink_hp_params()
+        self.tail_steps = TailSteps(self.backend, deferred and any(self.tails), cuda)
+        self._hook_handles = []  # _hook_handles => forward and state_dict pre-hooks from attach()
         if any(self.tails):
             self.backend.start()
 
@@ -93,6 +106,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def step(self, closure=None):
         if not any(self.tails):
             return super().step(closure)
+        self.tail_steps.land()
         self.micro_step_id = INITIAL_MICRO_STEP_ID
         if not self.compute_grad_norm:
             self._global_grad_norm = None
@@ -118,8 +132,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         if norm is not None:
             self._global_grad_norm = norm / prev_scale
         inverse_scale = self._inverse_scale(norm)  # one device sync per step, for all the tails
-        for i in range(len(self.bit16_groups)):
-            self._step_group(i, norm, inverse_scale)
+        jobs = [job for i in range(len(self.bit16_groups)) for job in self._step_group(i, norm, inverse_scale)]
+        self.tail_steps.start(jobs)
         all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
                              partitioned_param_groups=self.parallel_partitioned_bit16_groups,
                              dp_process_group=self.real_dp_process_group,
@@ -150,14 +164,16 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         return float(1. / combined)
 
     def _step_group(self, i, norm, inverse_scale):
+        """The GPU head's step; returns the tail's job for TailSteps (none without a tail)."""
         partition_id = dist.get_rank(group=self.real_dp_process_group[i])
         self.free_grad_in_param_list(self.params_not_in_partition[i])
         flat = self._flat_grad_partition(i, partition_id)
         head, tail = self.single_partition_of_fp32_groups[i], self.tails[i]
         lp_partition = self.parallel_partitioned_bit16_groups[i][partition_id]
         cut = tail.start if tail is not None else flat.numel()
-        if tail is not None:  # its gradient leaves first; the stream orders the copies before the frees below
-            self._copy_grads_to_host(tail, flat[cut:])
+        chunks = None
+        if tail is not None:  # its gradient leaves first; the streams order the copies before the frees below
+            chunks = self.tail_steps.send_grads(tail, flat[cut:], inverse_scale)
         grad = flat[:cut].to(head.dtype)
         del flat
         self.free_grad_in_param_list(self.params_in_partition[i])
@@ -171,40 +187,13 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             head.grad = None
             lp_partition[:cut].copy_(head.detach())
         del grad
-        if tail is not None:
-            self._step_tail(i, tail, lp_partition[tail.start:], inverse_scale)
-
-    @staticmethod
-    def _copy_grads_to_host(tail, grad):
-        """Chunk by chunk, cast to fp32 on the device (the CPU would take longer than the copy) and sent to
-        the host asynchronously; the CPU steps each chunk as soon as its copy is done."""
-        tail.copied = []
-        for a in range(0, tail.numel, CHUNK_NUMEL):
-            b = min(a + CHUNK_NUMEL, tail.numel)
-            tail.grad[a:b].copy_(grad[a:b].float(), non_blocking=True)
-            event = torch.cuda.Event() if grad.is_cuda else None
-            if event is not None:
-                event.record()
-            tail.copied.append((a, b, event))
-
-    def _step_tail(self, i, tail, lp_tail, inverse_scale):
-        """Adam on the CPU, a chunk at a time while the next chunks are still arriving; each chunk's weights go
-        back (cast on the device) on the compute stream, so the all-gather and the next forward follow them."""
+        if tail is None:
+            return []
         g = self.optimizer.param_groups[i]
         beta1, beta2 = g["betas"]
-        hyper = (float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
-        for a, b, event in tail.copied:
-            if event is not None:
-                event.synchronize()
-            if inverse_scale != 1.0:
-                tail.grad[a:b].mul_(inverse_scale)
-            self.backend.run(self._tail_id(i), [(a, b, tail.step, *hyper)])
-            if lp_tail.is_cuda:
-                lp_tail[a:b].copy_(tail.master[a:b].to(lp_tail.device, non_blocking=True))
-            else:
-                lp_tail[a:b].copy_(tail.master[a:b])
-        tail.copied = []
+        hyper = (tail.step, float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
         tail.step += 1
+        return [(self._tail_id(i), tail, lp_partition[tail.start:], lambda a, b: [(a, b, *hyper)], chunks)]
 
     def _tail_id(self, i):
         """The backend's bucket id of group `i`'s tail (tails were registered in group order)."""
@@ -213,6 +202,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     # ------------------------------------------------------------------------------ masters refresh
     def _restore_from_bit16_weights(self):
         """The masters from the model's low-precision weights (DeepSpeed's `refresh_fp32_params`)."""
+        self.tail_steps.land()
         for i, (partitions, head) in enumerate(zip(self.parallel_partitioned_bit16_groups,
                                                    self.single_partition_of_fp32_groups)):
             lp = partitions[dist.get_rank(group=self.real_dp_process_group[i])].detach()
@@ -258,6 +248,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                 self.optimizer.param_groups[i]["params"] = [head]
 
     def state_dict(self):
+        self.tail_steps.land()
         with self._whole_partitions():
             return super().state_dict()
 
@@ -266,6 +257,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         if checkpoint_folder:
             raise NotImplementedError("universal checkpoints are not supported with cpu_offloading.optimizer; "
                                       "load a regular DeepSpeed checkpoint, or remove the block to load this one")
+        self.tail_steps.land()
         with self._whole_partitions() as heads:
             super().load_state_dict(state_dict_list, load_optimizer_states, load_from_fp32_weights)
             for i, (head, tail) in enumerate(zip(heads, self.tails)):
@@ -291,10 +283,51 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         cpu = sum(t.numel for t in self.tails if t is not None)
         return {"total_numel": total, "cpu_numel": cpu, "gpu_numel": total - cpu,
                 "num_buckets": sum(t is not None for t in self.tails),
-                "fraction": self.offload.optimizer_offload_fraction}
+                "fraction": self.offload.optimizer_offload_fraction, "deferred": self.tail_steps.deferred}
+
+    # ------------------------------------------------------------------------ deferred weight updates
+    def attach(self, module):
+        """With the deferred schedule, make `module`'s forwards wait for the chunks their own parameters are in,
+        and any `state_dict()` of it for everything; returns whether hooks were installed."""
+        if not self.tail_steps.deferred or self._hook_handles:
+            return bool(self._hook_handles)
+        where = {}  # where => id(param) => [(tail id, chunk index)] of the chunks holding its weights
+        for i, tail in enumerate(self.tails):
+            if tail is None:
+                continue
+            lp = self.parallel_partitioned_bit16_groups[i][0]  # one rank: the partition is the whole group
+            spans = chunk_spans(tail.numel)
+            for p in self.bit16_groups[i]:
+                off = (p.data_ptr() - lp.data_ptr()) // p.element_size()
+                lo, hi = max(off, tail.start) - tail.start, min(off + p.numel(), lp.numel()) - tail.start
+                if lo < hi:
+                    where[id(p)] = [(self._tail_id(i), k) for k, (a, b) in enumerate(spans) if a < hi and lo < b]
+        steps = self.tail_steps
+        for m in module.modules():
+            keys = [k for p in m._parameters.values() if p is not None for k in where.get(id(p), ())]
+            if keys:
+                self._hook_handles.append(m.register_forward_pre_hook(lambda _m, _a, keys=keys: steps.wait_for(keys)))
+                self._hook_handles.append(m.register_state_dict_pre_hook(lambda *_: steps.land()))
+        self._hook_handles.append(module.register_state_dict_pre_hook(lambda *_: steps.land()))
+        return True
+
+    def wait(self):
+        """Land the last step's CPU share in the model's weights, for reads outside a forward or state_dict."""
+        self.tail_steps.land()
 
     def close(self):
-        self.backend.close()
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+        try:
+            self.tail_steps.close()
+        finally:
+            self.backend.close()
+            for tail in self.tails:
+                if tail is not None and torch.cuda.is_available():
+                    for t in (tail.master, tail.grad):
+                        if t.is_shared() and t.is_pinned():  # page-locked by host_buffer
+                            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
 def zero_optimizer_class(settings):

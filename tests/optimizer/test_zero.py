@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dist")]  # DeepSpeed en
 CFG = GPTConfig(vocab_size=256, hidden=32, num_layers=3, num_heads=4, seq_len=16)
 
 
-def config(stage, dtype="fp32", clip=1.0, gas=1, fraction=None, torch_cpu=False):
+def config(stage, dtype="fp32", clip=1.0, gas=1, fraction=None, torch_cpu=False, overlap=False):
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas, "gradient_clipping": clip,
            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
@@ -25,7 +25,8 @@ def config(stage, dtype="fp32", clip=1.0, gas=1, fraction=None, torch_cpu=False)
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 30, "loss_scale_window": 1000}
     if fraction is not None:
         cfg["cpu_offloading"] = {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": fraction,
-                                               "use_torch_optimizer_for_cpu_offload": torch_cpu}}
+                                               "use_torch_optimizer_for_cpu_offload": torch_cpu,
+                                               "overlap_cpu_optimizer_d2h_h2d": overlap}}
     return cfg
 
 
@@ -110,9 +111,63 @@ def test_fp16_overflow_skips_both_parts():
 
 
 def test_chunked_transfers_match_one_chunk(monkeypatch):
-    import ds_offload.optimizer.zero as Z
+    import ds_offload.optimizer.tail_steps as T
     whole, _ = train(config(2, "bf16", fraction=1.0), steps=5)
-    monkeypatch.setattr(Z, "CHUNK_NUMEL", 1000)  # the tail's ~33k elements in 34 chunks
+    monkeypatch.setattr(T, "CHUNK_NUMEL", 1000)  # the tail's ~33k elements in 34 chunks
     chunked, engine = train(config(2, "bf16", fraction=1.0), steps=5)
     assert chunked == whole
+    engine.ds_offload.close()
+
+
+# ------------------------------------------------------------- overlap: step() returns before the tail lands
+@pytest.mark.parametrize("gas", [1, 4])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deferred_tail_is_the_inline_one_bit_for_bit(stage, gas, monkeypatch):
+    import ds_offload.optimizer.tail_steps as T
+    monkeypatch.setattr(T, "CHUNK_NUMEL", 3000)  # several chunks, so forwards wait for some and not others
+    inline, ref = train(config(stage, "bf16", gas=gas, fraction=0.6), steps=6, gas=gas)
+    deferred, engine = train(config(stage, "bf16", gas=gas, fraction=0.6, overlap=True), steps=6, gas=gas)
+    assert engine.optimizer.split_info()["deferred"] and not ref.optimizer.split_info()["deferred"]
+    assert deferred == inline
+    a, b = ref.module.state_dict(), engine.module.state_dict()  # the state_dict pre-hook lands the last step
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for e in (ref, engine):
+        e.ds_offload.close()
+
+
+def test_forward_waits_for_a_slow_cpu_step(monkeypatch):
+    """A CPU step that lags behind: the next forward must still see its weights (on CPU the worker thread writes
+    them; without the waits the forward reads the old ones and the losses differ)."""
+    import time
+
+    import ds_offload.optimizer.tail_steps as T
+    monkeypatch.setattr(T, "CHUNK_NUMEL", 2000)
+    inline, ref = train(config(1, "fp32", fraction=1.0), steps=4)
+    run = T.TailSteps._run
+
+    def slow_run(self, jobs):
+        time.sleep(0.3)
+        return run(self, jobs)
+    monkeypatch.setattr(T.TailSteps, "_run", slow_run)
+    deferred, engine = train(config(1, "fp32", fraction=1.0, overlap=True), steps=4)
+    assert deferred == inline
+    engine.ds_offload.wait()
+    for p, q in zip(ref.module.parameters(), engine.module.parameters()):
+        assert torch.equal(p, q)
+    for e in (ref, engine):
+        e.ds_offload.close()
+
+
+def test_a_failed_cpu_step_is_an_error_at_the_next_use():
+    _, engine = train(config(2, "fp32", fraction=0.5, overlap=True), steps=1)
+    backend = engine.optimizer.backend
+
+    def broken(*_):
+        raise RuntimeError("CPU Adam exploded")
+    backend.run = broken
+    x, y = synthetic_batch(CFG, 4, 99, device=engine.device)
+    engine.backward(engine(x, y))
+    engine.step()  # returns: the failure is in the worker thread
+    with pytest.raises(RuntimeError, match="CPU Adam exploded"):
+        engine(x, y)
     engine.ds_offload.close()

@@ -1,0 +1,162 @@
+"""The CPU share's round trip under DeepSpeed's ZeRO-1/2 optimizer: gradient D2H, CPU Adam, weights H2D.
+
+Everything goes chunk by chunk (``CHUNK_NUMEL``), so the three stages pipeline (chunk k+1 crosses PCIe while
+chunk k is stepped) and a forward that needs some weights waits only for the chunks they are in.
+
+Two schedules, one code path (the streams come from ``make_streams``, the current stream when not overlapped):
+
+* inline (``deferred=False``): ``step()`` runs the chunks and returns with every update landed;
+* deferred (``overlap_cpu_optimizer_d2h_h2d``, one data-parallel rank): ``step()`` queues the gradient copies
+  on a side stream and hands the chunks to a worker thread, so the CPU step overlaps the next forward. The
+  forward of a module that owns a parameter of a chunk waits for that chunk (``wait_for``); every other read
+  of the weights goes through ``land()`` first (the optimizer calls it from ``step``, its state dicts and
+  the modules' ``state_dict``; users call ``engine.ds_offload.wait()`` for any other read).
+
+The arithmetic is the inline path's in both: the gradient is unscaled and clipped in fp32 on its device (the
+same multiplication DeepSpeed applies to the GPU share), then stepped by the same CPU Adam runs.
+"""
+import concurrent.futures
+import threading
+
+import torch
+
+from .transfers import make_streams
+
+CHUNK_NUMEL = 32 * 1024 * 1024  # 128 MiB of fp32 per transfer
+
+
+class Chunk:
+    """Elements [a, b) of one tail, in flight during one step."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b  # a, b => the chunk's range in its tail
+        self.d2h_event = None  # d2h_event => CUDA event after its gradient reached the host (None on CPU)
+        self.h2d_event = None  # h2d_event => CUDA event after its updated weights are in the model (None on CPU)
+        self.landed = threading.Event()  # landed => set once its weights are written or queued (or the run failed)
+
+
+def chunk_spans(numel):
+    return [(a, min(a + CHUNK_NUMEL, numel)) for a in range(0, numel, CHUNK_NUMEL)]
+
+
+class TailSteps:
+    """Runs the tails' round trips; owns the streams and the worker thread of the deferred schedule."""
+
+    def __init__(self, backend, deferred, on_cuda):
+        self.backend = backend  # backend => the CpuAdamBackend the tails are registered with
+        self.deferred = deferred  # deferred => step() returns before the CPU share's weights have landed
+        self.on_cuda = on_cuda
+        self.d2h, self.h2d = make_streams(overlap=deferred) if on_cuda else (None, None)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ds_offload_cpu_adam") \
+            if deferred else None
+        self._future = None  # _future => the worker's run of this step's chunks, until land() collected it
+        self._chunks = []  # _chunks => this step's chunks, every tail's, until land()
+        self.pending = {}  # pending => (tail id, chunk index) => Chunk whose weights no forward has waited for
+
+    # -------------------------------------------------------------------------------------- D2H
+    def send_grads(self, tail, grad, inverse_scale):
+        """Queue `grad` (the tail's reduced gradient, any float dtype) to `tail.grad`, times `inverse_scale`,
+        and return the chunks. On CUDA the copies follow everything queued on the compute stream so far."""
+        spans = chunk_spans(tail.numel)
+        chunks = [Chunk(a, b) for a, b in spans]
+        if not grad.is_cuda:
+            for c in chunks:
+                tail.grad[c.a:c.b].copy_(grad[c.a:c.b])
+                if inverse_scale != 1.0:
+                    tail.grad[c.a:c.b].mul_(inverse_scale)
+            return chunks
+        self.d2h.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.d2h):
+            # One fp32 staging buffer: its reuse by the next chunk is ordered after this chunk's copy by the stream.
+            staging = torch.empty(spans[0][1], dtype=torch.float32, device=grad.device)
+            for c in chunks:
+                s = staging[:c.b - c.a]
+                s.copy_(grad[c.a:c.b])
+                if inverse_scale != 1.0:
+                    s.mul_(inverse_scale)
+                tail.grad[c.a:c.b].copy_(s, non_blocking=True)
+                c.d2h_event = torch.cuda.Event()
+                c.d2h_event.record()
+        if self.d2h is not torch.cuda.current_stream():
+            grad.record_stream(self.d2h)  # its memory is not reused before the copies have read it
+        return chunks
+
+    # ------------------------------------------------------------------------------- CPU + H2D
+    def start(self, jobs):
+        """Step and send back every job's chunks: `(bucket id, tail, lp_tail, runs_of(a, b), chunks)`.
+
+        Inline, returns when done; deferred, returns at once. The weight copies wait for the compute stream's
+        work queued so far (the backward still reading the old weights)."""
+        if not jobs:
+            return
+        if self.on_cuda:
+            self.h2d.wait_stream(torch.cuda.current_stream())
+        self._chunks = [c for job in jobs for c in job[-1]]
+        self.pending = {(tid, k): c for tid, *_, chunks in jobs for k, c in enumerate(chunks)}
+        if self._executor is None:
+            self._run(jobs)
+            self.land()
+        else:
+            self._future = self._executor.submit(self._run, jobs)
+
+    def _run(self, jobs):
+        try:
+            staging = None
+            for bucket_id, tail, lp_tail, runs_of, chunks in jobs:
+                for c in chunks:
+                    if c.d2h_event is not None:
+                        c.d2h_event.synchronize()
+                    self.backend.run(bucket_id, runs_of(c.a, c.b))
+                    if lp_tail.is_cuda:
+                        with torch.cuda.device(lp_tail.device), torch.cuda.stream(self.h2d):
+                            if staging is None:
+                                staging = torch.empty(CHUNK_NUMEL, dtype=torch.float32, device=lp_tail.device)
+                            s = staging[:c.b - c.a]
+                            s.copy_(tail.master[c.a:c.b], non_blocking=True)
+                            lp_tail[c.a:c.b].copy_(s)  # cast on the device
+                            c.h2d_event = torch.cuda.Event()
+                            c.h2d_event.record()
+                    else:
+                        lp_tail[c.a:c.b].copy_(tail.master[c.a:c.b])
+                    c.landed.set()
+        finally:
+            for c in self._chunks:
+                c.landed.set()  # a failed run wakes its waiters; they find the error in the future
+
+    # ------------------------------------------------------------------------------------ waits
+    def wait_for(self, keys):
+        """Order the current stream after the chunks `keys` (forward pre-hooks); host-blocks only until the
+        worker has queued their weight copies."""
+        for key in keys:
+            c = self.pending.pop(key, None)
+            if c is None:
+                continue
+            c.landed.wait()
+            if self._future is not None and self._future.done() and self._future.exception() is not None:
+                self.land()  # raises the worker's error
+            if c.h2d_event is not None:
+                torch.cuda.current_stream().wait_event(c.h2d_event)
+
+    def land(self):
+        """Every update of the last step landed (host and device) and nothing in flight; raises a failed run."""
+        future, self._future = self._future, None
+        chunks, self._chunks = self._chunks, []
+        self.pending = {}
+        if future is not None:
+            future.result()
+        if self.deferred:  # inline, the copies are on the current stream already, before anything later
+            for c in chunks:
+                if c.h2d_event is not None:
+                    c.h2d_event.synchronize()
+
+    @property
+    def in_flight(self):
+        return bool(self._chunks)
+
+    def close(self):
+        try:
+            self.land()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
