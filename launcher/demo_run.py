@@ -2,13 +2,15 @@
 
 Both runs go through `ds_offload.initialize` (the baseline with the `cpu_offloading` block removed, which is
 plain DeepSpeed), start from the same weights and see the same batches, so their losses should agree within
-the Megatron Bridge criterion (max delta < 1e-3) while the offloaded run uses less GPU memory.
+the Megatron Bridge criterion (max delta < 1e-3) while the offloaded run uses less GPU memory. The batches come
+from `ds_offload.models.learnable_batch`, so that the loss falls and the curves look like training.
 """
 import contextlib
 import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOSS_CRITERION = 1e-3
+NO_GPU = "n/a: no GPU"
 
 # The demo models (shapes in ds_offload.models.GPT_SHAPES): tiny on CPU (seconds), small on a GPU (memory
 # differences become visible).
@@ -32,6 +35,7 @@ class RunResult:
     #                                                         None without CUDA
     cpu_rss_per_step: list = field(default_factory=list)    # bytes
     summary: str = ""
+    warnings: list = field(default_factory=list)            # what setting the run up warned about, one line each
 
     @property
     def final_loss(self):
@@ -56,7 +60,7 @@ class RunResult:
         return {"label": self.label, "losses": self.losses, "step_times": self.step_times,
                 "gpu_peak_per_step": self.gpu_peak_per_step, "cpu_rss_per_step": self.cpu_rss_per_step,
                 "final_loss": self.final_loss, "step_time": self.step_time, "gpu_peak": self.gpu_peak,
-                "cpu_peak": self.cpu_peak, "summary": self.summary}
+                "cpu_peak": self.cpu_peak, "summary": self.summary, "warnings": self.warnings}
 
 
 def rss_bytes():
@@ -78,19 +82,20 @@ def init_distributed():
                                    verbose=False)
 
 
-def quiet_deepspeed():
-    try:
-        from deepspeed.utils import logger
-        logger.setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover
-        pass
+def device_name():
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
 
 
-def train(model_cfg, config, steps, label, seed=0, progress=None):
-    """Train a fresh GPT(model_cfg) for `steps` optimizer steps under `config`; returns a RunResult."""
+def train(model_cfg, config, steps, label, seed=0, progress=None, on_ready=None):
+    """Train a fresh GPT(model_cfg) for `steps` optimizer steps under `config`; returns a RunResult.
+
+    `progress(label, steps)`: a context manager giving a callback called with the RunResult after each step;
+    it opens after `on_ready(result)`, so what the setup printed comes before the bar, not through it.
+    """
     import torch
     import ds_offload
-    from ds_offload.models import GPT, synthetic_batch
+    from ds_offload.models import GPT, learnable_batch
 
     init_distributed()
     cuda = torch.cuda.is_available()
@@ -107,27 +112,33 @@ def train(model_cfg, config, steps, label, seed=0, progress=None):
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     engine.train()
     try:
-        for step in range(steps):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            total = 0.0
-            for micro in range(gas):
-                idx, tgt = synthetic_batch(model_cfg, mb * world, step * gas + micro, device="cpu")
-                idx, tgt = idx[rank * mb:(rank + 1) * mb].to(engine.device), tgt[rank * mb:(rank + 1) * mb].to(engine.device)
-                loss = engine(idx, tgt)
-                engine.backward(loss)
-                engine.step()
-                total += float(loss.detach().float())
-            if cuda:
-                torch.cuda.synchronize()
-            res.step_times.append(time.perf_counter() - t0)
-            res.losses.append(total / gas)
-            res.gpu_peak_per_step.append(torch.cuda.max_memory_allocated() - start_alloc if cuda else None)
-            res.cpu_rss_per_step.append(rss_bytes())
-            if progress:
-                progress(res)
+        if on_ready:
+            on_ready(res)
+        with (progress(label, steps) if progress else contextlib.nullcontext()) as bar:
+            for step in range(steps):
+                batches = []  # made before the clock starts: the step time is the engine's
+                for micro in range(gas):
+                    idx, tgt = learnable_batch(model_cfg, mb * world, step * gas + micro, device="cpu")
+                    batches.append((idx[rank * mb:(rank + 1) * mb].to(engine.device),
+                                    tgt[rank * mb:(rank + 1) * mb].to(engine.device)))
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                total = 0.0
+                for idx, tgt in batches:
+                    loss = engine(idx, tgt)
+                    engine.backward(loss)
+                    engine.step()
+                    total += float(loss.detach().float())
+                if cuda:
+                    torch.cuda.synchronize()
+                res.step_times.append(time.perf_counter() - t0)
+                res.losses.append(total / gas)
+                res.gpu_peak_per_step.append(torch.cuda.max_memory_allocated() - start_alloc if cuda else None)
+                res.cpu_rss_per_step.append(rss_bytes())
+                if bar:
+                    bar(res)
     finally:
         engine.ds_offload.remove()
         with contextlib.suppress(Exception):  # teardown must not hide the run's own outcome
@@ -158,9 +169,13 @@ def model_for(config, name=None):
     return name, dataclasses.replace(shape, num_layers=max(shape.num_layers, n + 1))
 
 
+def describe_model(name, c):
+    return (f"{name} ({c.num_layers} layers, hidden {c.hidden}, {c.num_heads} heads, seq {c.seq_len}, "
+            f"vocab {c.vocab_size})")
+
+
 def compare(base, off):
     """Max |loss delta| over the steps both runs made; NaN when either run produced a non-finite loss."""
-    import math
     n = min(len(base.losses), len(off.losses))
     deltas = [abs(a - b) for a, b in zip(base.losses[:n], off.losses[:n])]
     if not deltas or any(not math.isfinite(d) for d in deltas):
@@ -168,21 +183,54 @@ def compare(base, off):
     return max(deltas)
 
 
+def figures(base, off):
+    """The comparison's numbers, one place for the table, the plot title and demo.json.
+
+    GPU figures are None without CUDA; the saving is the baseline's peak minus the offloaded run's (negative
+    when offloading cost memory), its fraction of the baseline's peak."""
+    delta = compare(base, off)
+    gpu = base.gpu_peak is not None and off.gpu_peak is not None
+    saved = base.gpu_peak - off.gpu_peak if gpu else None
+    return {"max_loss_delta": delta, "criterion": LOSS_CRITERION, "pass": bool(delta < LOSS_CRITERION),  # NaN: no
+            "step_time_ratio": off.step_time / base.step_time if base.step_time > 0 else float("nan"),
+            "gpu_peak_baseline": base.gpu_peak, "gpu_peak_offload": off.gpu_peak, "gpu_saved_bytes": saved,
+            "gpu_saved_fraction": saved / base.gpu_peak if gpu and base.gpu_peak > 0 else None,
+            "cpu_peak_baseline": base.cpu_peak, "cpu_peak_offload": off.cpu_peak}
+
+
 def fmt_mib(n):
-    return "n/a: no GPU" if n is None else f"{n / 2 ** 20:,.0f} MiB"
+    return "n/a" if n is None else f"{n / 2 ** 20:,.0f} MiB"
+
+
+def fmt_gib(n):
+    return NO_GPU if n is None else f"{n / 2 ** 30:,.2f} GiB"
+
+
+def verdict(f):
+    d = f["max_loss_delta"]
+    return (f"{'PASS' if f['pass'] else 'FAIL'}: max |loss delta| "
+            f"{f'{d:.2e}' if math.isfinite(d) else 'non-finite loss'} (< {f['criterion']:g})")
+
+
+def saved_text(f):
+    if f["gpu_saved_bytes"] is None:
+        return NO_GPU
+    frac = f["gpu_saved_fraction"]
+    return fmt_gib(f["gpu_saved_bytes"]) + (f" ({frac:.1%} of the baseline peak)" if frac is not None else "")
 
 
 def table(base, off, config_name):
-    delta = compare(base, off)
-    ok = bool(delta < LOSS_CRITERION)  # False for NaN
+    """The printed comparison; returns (text, pass, max loss delta)."""
+    f = figures(base, off)
+    ratio = f["step_time_ratio"]
     rows = [("", "no offload", f"with {config_name}"),
             ("final loss", f"{base.final_loss:.5f}", f"{off.final_loss:.5f}"),
-            ("max |loss delta|", "-", (f"{delta:.2e}" if delta == delta else "non-finite loss") +
-             f" ({'PASS' if ok else 'FAIL'}: < {LOSS_CRITERION:g})"),
+            ("loss parity", "-", verdict(f)),
             ("step time (median)", f"{base.step_time * 1e3:.1f} ms", f"{off.step_time * 1e3:.1f} ms"),
-            ("peak GPU memory", fmt_mib(base.gpu_peak), fmt_mib(off.gpu_peak)),
-            ("CPU memory (peak RSS)", fmt_mib(base.cpu_peak).replace("n/a: no GPU", "n/a"),
-             fmt_mib(off.cpu_peak).replace("n/a: no GPU", "n/a"))]
+            ("step time ratio", "-", f"{ratio:.2f}x (offload / baseline)" if math.isfinite(ratio) else "n/a"),
+            ("peak GPU memory", fmt_gib(base.gpu_peak), fmt_gib(off.gpu_peak)),
+            ("GPU memory saved", "-", saved_text(f)),
+            ("CPU memory (peak RSS)", fmt_mib(base.cpu_peak), fmt_mib(off.cpu_peak))]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     out = [line]
@@ -191,66 +239,80 @@ def table(base, off, config_name):
         if i == 0:
             out.append(line)
     out.append(line)
-    return "\n".join(out), ok, delta
+    return "\n".join(out), f["pass"], f["max_loss_delta"]
 
 
-def plot(base, off, config_name, path):
-    """loss curves (left) and memory per step (right); returns the path, or None without matplotlib."""
+def plot_title(model, config_name, device, f):
+    """What the picture is of and whether the runs agreed, so it stands alone when shared."""
+    ratio = f["step_time_ratio"]
+    trade = f"step time {ratio:.2f}x" if math.isfinite(ratio) else "step time n/a"
+    trade += f", GPU memory saved {saved_text(f)}" if f["gpu_saved_bytes"] is not None else ", GPU memory n/a on CPU"
+    return f"{model}, {config_name}, on {device}\nloss parity {verdict(f)}; {trade}"
+
+
+def plot(base, off, config_name, path, title=None):
+    """Loss curves (left) and memory per step from zero (right); returns the path, or None without matplotlib.
+
+    The memory axis starts at zero so that a difference of a few percent looks like one; `title` is drawn
+    above both and stored in the PNG's Title field."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = range(1, len(base.losses) + 1)
-    a.plot(steps, base.losses, label="no offload", lw=2)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.6))
+    a.plot(range(1, len(base.losses) + 1), base.losses, label="no offload", lw=2)
     a.plot(range(1, len(off.losses) + 1), off.losses, "--", label=f"with {config_name}", lw=2)
     a.set(xlabel="step", ylabel="loss", title="training loss")
     a.legend()
     gpu = base.gpu_peak is not None
-    key = "gpu_peak_per_step" if gpu else "cpu_rss_per_step"
+    key, unit, scale = ("gpu_peak_per_step", "GiB", 2 ** 30) if gpu else ("cpu_rss_per_step", "MiB", 2 ** 20)
+    top = 0
     for r, style in ((base, "-"), (off, "--")):
-        vals = [v / 2 ** 20 for v in getattr(r, key)]
+        vals = [v / scale for v in getattr(r, key)]
+        top = max([top] + vals)
         b.plot(range(1, len(vals) + 1), vals, style, label=r.label, lw=2)
-    from matplotlib.ticker import MaxNLocator
+    b.set_ylim(0, top * 1.15 or 1)
     for ax in (a, b):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    b.set(xlabel="step", ylabel="MiB", title="peak GPU memory per step" if gpu else "CPU RSS per step (no GPU)")
-    b.legend()
+    b.set(xlabel="step", ylabel=unit,
+          title="peak GPU memory per step" if gpu else "CPU RSS per step (GPU memory: n/a on CPU)")
+    b.legend(loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Title": title} if title else None)
     plt.close(fig)
     return str(path)
 
 
-def run_demo(config_path, steps=30, out="out/demo", model=None, echo=print, progress_factory=None):
-    """Both runs, the table and the plot; returns a dict (also saved as demo.json in `out`)."""
-    quiet_deepspeed()
+def run_demo(config_path, steps=30, out="out/demo", model=None, echo=print, progress_factory=None, on_ready=None):
+    """Both runs, the table and the plot; returns a dict (also saved as demo.json in `out`).
+
+    `on_ready(run)`: called with each RunResult once its engine is built, before its steps (see `train`)."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     config = load_demo_config(config_path)
     name, model_cfg = model_for(config, model)
     base_cfg = config.deepspeed_config()
     cfg_name = Path(config_path).name
-    echo(f"demo: {name} ({model_cfg.num_layers} layers, hidden {model_cfg.hidden}, seq {model_cfg.seq_len}), "
-         f"{steps} steps, synthetic data; config {config_path}")
-    results = []
-    for label, cfg in (("no offload", base_cfg), (f"with {cfg_name}", str(config_path))):
-        if progress_factory:
-            with progress_factory(label, steps) as bar:
-                r = train(model_cfg, cfg, steps, label, progress=bar)
-        else:
-            r = train(model_cfg, cfg, steps, label)
-        results.append(r)
+    device, described = device_name(), describe_model(name, model_cfg)
+    echo(f"demo: {described}, {steps} steps of learnable synthetic data on {device}; config {config_path}")
+    results = [train(model_cfg, cfg, steps, label, progress=progress_factory, on_ready=on_ready)
+               for label, cfg in (("no offload", base_cfg), (f"with {cfg_name}", str(config_path)))]
     base, off = results
-    text, ok, delta = table(base, off, cfg_name)
-    echo(text)
-    if off.summary:
-        echo(off.summary)
-    png = plot(base, off, cfg_name, Path(out) / "demo.png")
+    echo(table(base, off, cfg_name)[0])
+    if off.summary:  # the baseline's is "nothing offloaded"
+        echo(f"ds_offload summary ({off.label}): {off.summary.removeprefix('ds_offload: ')}")
+    f = figures(base, off)
+    title = plot_title(described, cfg_name, device, f)
+    png = plot(base, off, cfg_name, Path(out) / "demo.png", title=title)
     echo(f"plot: {png}" if png else "plot: skipped (pip install matplotlib)")
-    report = {"config": str(config_path), "model": name, "steps": steps, "max_loss_delta": delta,
-              "criterion": LOSS_CRITERION, "pass": ok, "runs": [r.as_dict() for r in results], "plot": png}
+    report = {"config": str(config_path), "model": name, "model_shape": dataclasses.asdict(model_cfg),
+              "device": device, "steps": steps, "data": "ds_offload.models.learnable_batch", **f,
+              "title": title, "runs": [r.as_dict() for r in results], "plot": png}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo.json").write_text(json.dumps(report, indent=2))
     echo(f"results: {Path(out) / 'demo.json'}")
