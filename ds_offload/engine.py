@@ -27,6 +27,7 @@ class OffloadState:
     layers_path: str = None  # layers_path => where they were found (dotted path, or "layers=")
     activation_offload: object = None  # activation_offload => the LayerOffloadHandle, None when not installed
     optimizer: object = None  # optimizer => the HybridDeviceOptimizer, None without optimizer offload
+    weights: object = None  # weights => the WeightOffload of the first layers, None without weight offload
 
     def summary(self):
         parts = []
@@ -34,9 +35,11 @@ class OffloadState:
         if self.activation_offload is not None:
             parts.append(f"activations of the first {m.cpu_offloading_num_layers} of {len(self.layers)} layers "
                          f"({self.layers_path}) to pinned CPU memory")
-        elif m.enabled:
-            parts.append("layer offload requested but inactive (no CUDA device)")
-        if self.optimizer is not None:
+        elif m.enabled and m.cpu_offloading_activations:
+            parts.append("activation offload requested but inactive (no CUDA device)")
+        if self.weights is not None:
+            parts.append(self.weights.summary())
+        if self.optimizer is not None and o.enabled:
             backend = "torch AdamW" if o.use_torch_optimizer_for_cpu_offload else "DeepSpeed CPU Adam"
             n = self.optimizer.split_info()["cpu_numel"]
             # 16 bytes per element on the host: fp32 master, gradient buffer and both moments.
@@ -146,10 +149,34 @@ def _deepspeed_zero_optimizer_runs(ds_config):
     return stage in (1, 2) and not bf16_optimizer_runs(stage, bf16, ds_config)
 
 
-def _hybrid_zero(settings):
-    """DeepSpeed builds its ZeRO-1/2 optimizer with the partition cut."""
+def _hybrid_zero(settings, weights=None):
+    """DeepSpeed builds its ZeRO-1/2 optimizer with the partition cut (and the offloaded layers' step)."""
     from .optimizer.zero import deepspeed_builds_hybrid_zero
-    return deepspeed_builds_hybrid_zero(settings)
+    return deepspeed_builds_hybrid_zero(settings, weights)
+
+
+def _plan_weights(cfg, ds_config, model, layers, model_parameters, optimizer):
+    """The WeightOffload of the first layers and the parameters DeepSpeed gets instead (the others)."""
+    from .weights import WeightOffload, WeightPlan, check_host_memory
+    m, o = cfg.model, cfg.optimizer
+    if not _deepspeed_zero_optimizer_runs(ds_config):  # the rules refuse this already; never build half of it
+        raise ConfigError([(f"{BLOCK}.model.cpu_offloading_weights", "weight offload needs DeepSpeed's ZeRO-1/2 "
+                                                                     "optimizer. Fix: set zero_optimization.stage 1 or 2.")])
+    client = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    params = list(model_parameters) if model_parameters is not None else None
+    n = m.cpu_offloading_num_layers
+    plan = WeightPlan(layers[:n], unwrap(model), params, client)
+    low = any((ds_config.get(k) or {}).get("enabled") for k in ("bf16", "bfloat16", "fp16"))
+    gas = int(ds_config.get("gradient_accumulation_steps") or 1)
+    needed = plan.host_bytes(2 if low else 4, accumulating=gas > 1)
+    if o.enabled:
+        rest = sum(p.numel() for p in model.parameters() if p.requires_grad) - plan.numel
+        needed += 16 * int(o.optimizer_offload_fraction * rest)
+    check_host_memory(needed)
+    if client is not None:
+        plan.strip_client_optimizer(client)
+    kept = plan.keep(params if params is not None else model.parameters())
+    return WeightOffload(plan, layers[n:n + m.cpu_offloading_prefetch_depth], m.cpu_offloading_prefetch_depth), kept
 
 
 def _rank0():
@@ -176,6 +203,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                 f"{type(unwrap(model)).__name__}. Fix: pass layers=<module list or dotted path>.")])
 
     builds = contextlib.nullcontext()
+    weights = None
+    if cfg.model.enabled and cfg.model.cpu_offloading_weights:
+        weights, model_parameters = _plan_weights(cfg, ds_config, model, found, model_parameters, optimizer)
+        builds = _hybrid_zero(cfg.optimizer, weights)  # it owns the offloaded layers' step, with or without a cut
     if cfg.optimizer.enabled:
         from .optimizer import HybridDeviceOptimizer, prepare_hybrid_optimizer
         client_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and \
@@ -187,13 +218,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                 "the config's optimizer section (Adam or AdamW); under ZeRO-1/2 a torch.optim.Adam "
                                 "or AdamW is accepted too.")])
         if client_adam:
-            builds = _hybrid_zero(cfg.optimizer)
+            builds = _hybrid_zero(cfg.optimizer, weights)
         elif optimizer is None:
             if "optimizer" not in ds_config:
                 raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
             if _deepspeed_zero_optimizer_runs(ds_config):
-                builds = _hybrid_zero(cfg.optimizer)
+                builds = _hybrid_zero(cfg.optimizer, weights)
             else:
                 params = model_parameters if model_parameters is not None else model.parameters()
                 optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)
@@ -205,7 +236,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         engine, opt, loader, sched = (_deepspeed_initialize or deepspeed.initialize)(
             args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
             training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
-    if cfg.optimizer.enabled and state.optimizer is None:
+    if (cfg.optimizer.enabled and state.optimizer is None) or weights is not None:
         from .optimizer.zero import HybridZeroOptimizer
         if not isinstance(engine.optimizer, HybridZeroOptimizer):
             raise RuntimeError(f"ds_offload: DeepSpeed built {type(engine.optimizer).__name__}, not its ZeRO-1/2 "
@@ -214,7 +245,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         state.optimizer = engine.optimizer
         state.optimizer.attach(engine.module)
 
-    if cfg.model.enabled:
+    if cfg.model.enabled and cfg.model.cpu_offloading_activations:
         m = cfg.model
         if torch.cuda.is_available():
             from .activations import install_layer_offload
@@ -224,8 +255,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                 double_buffering=m.cpu_offloading_double_buffering,
                 retain_pinned_buffers=m.cpu_offloading_retain_pinned_cpu_buffers)
         else:
-            warnings.warn("ds_offload: no CUDA device, so layer-level offloading is off for this run "
-                          "(the optimizer split still runs, both parts on the CPU).", stacklevel=2)
+            warnings.warn("ds_offload: no CUDA device, so activation offloading is off for this run "
+                          "(the optimizer split and weight offload still run, both sides on the CPU).", stacklevel=2)
+    if weights is not None:
+        weights.install()  # after the activation hooks: its saved-tensor hooks nest inside theirs
+        state.weights = weights
     if state.optimizer is not None and hasattr(state.optimizer, "refresh_masters_from_params"):
         _refresh_masters_after_load(engine, state.optimizer)  # the client-optimizer path (ZeRO-0, BF16_Optimizer)
     engine.ds_offload = state

@@ -4,6 +4,7 @@ They read an OffloadConfig whose every value has passed the schema (a value that
 reported), so each rule can rely on the types it reads. The first five messages quote Megatron's own.
 """
 import difflib
+from collections.abc import Mapping
 
 from .settings import BLOCK
 
@@ -36,8 +37,10 @@ _RECOMPUTE_KEYS = ("partition_activations", "cpu_checkpointing", "contiguous_mem
 
 
 def section(ds, key):
-    """DeepSpeed's section `key` as a mapping ({} when absent or null)."""
-    return ds.get(key) or {}
+    """DeepSpeed's section `key` as a mapping ({} when absent, null or not a mapping: DeepSpeed's own checks
+    report a malformed section; the rules here must not crash on one)."""
+    value = ds.get(key) if isinstance(ds, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
 
 
 def bf16_optimizer_runs(stage, bf16, ds):
@@ -55,6 +58,33 @@ def cuda_graphs_source(ds):
     forbids extra keys and has no torch.compile `mode`, and `graph_harvesting` was removed.
     """
     return "hybrid_engine.enable_cuda_graph" if section(ds, "hybrid_engine").get("enable_cuda_graph") else None
+
+
+def _weights_rules(key, ds):
+    """Weight offload lives inside DeepSpeed's ZeRO-1/2 optimizer (it owns the offloaded layers' step there)."""
+    errors = []
+    zero = section(ds, "zero_optimization")
+    stage = zero.get("stage", 0)
+    bf16 = any(section(ds, k).get("enabled") for k in ("bf16", "bfloat16"))
+    if stage == 3:
+        errors.append((key, "ZeRO stage 3 partitions and offloads parameters itself. Fix: use "
+                            "zero_optimization.offload_param with device \"cpu\" instead of cpu_offloading_weights."))
+    elif stage not in (1, 2):
+        errors.append((key, f"weight offload runs inside DeepSpeed's ZeRO-1/2 optimizer, and this config has ZeRO "
+                            f"stage {stage}. Fix: set zero_optimization.stage to 1 or 2."))
+    elif bf16_optimizer_runs(stage, bf16, ds):
+        errors.append((key, "bf16 ZeRO-1 with data_types.grad_accum_dtype fp32 runs DeepSpeed's BF16_Optimizer, not "
+                            "its ZeRO-1/2 optimizer that weight offload builds on. Fix: remove "
+                            "data_types.grad_accum_dtype, or use zero_optimization.stage 2."))
+    if section(zero, "offload_optimizer").get("device") in ("cpu", "nvme"):
+        errors.append((key, "zero_optimization.offload_optimizer moves DeepSpeed's partitions to the CPU with its own "
+                            "optimizer, which weight offload does not build on. Fix: remove offload_optimizer and use "
+                            "cpu_offloading.optimizer (fraction 1.0 offloads the whole optimizer)."))
+    opt = ds.get("optimizer")
+    if opt is not None and str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+        errors.append((key, f"the offloaded layers are stepped by CPU Adam, and the optimizer is "
+                            f"'{opt.get('type')}'. Fix: use one of {', '.join(SUPPORTED_OPTIMIZERS)}."))
+    return errors
 
 
 def rules(cfg, model_layers, pipeline_stages, gradient_checkpointing, fine_grained):
@@ -77,9 +107,7 @@ def rules(cfg, model_layers, pipeline_stages, gradient_checkpointing, fine_grain
                           "cpu_offloading is true but cpu_offloading_num_layers is 0: nothing is offloaded. "
                           "Fix: set the number of layers to offload, or turn cpu_offloading off."))
         if m.cpu_offloading_weights:
-            errors.append((f"{mp}.cpu_offloading_weights",
-                           "weight offloading is not implemented yet, and ds_offload does not ignore a flag "
-                           "silently. Fix: set cpu_offloading_weights to false."))
+            errors += _weights_rules(f"{mp}.cpu_offloading_weights", ds)
     if m.enabled:
         if pipeline_stages is not None and pipeline_stages > 1:
             errors.append((f"{mp}.cpu_offloading", MSG_PIPELINE + f" (the model has {pipeline_stages} stages). "

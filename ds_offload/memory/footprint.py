@@ -10,7 +10,8 @@ Everything is counted in bytes per data-parallel rank, from first principles:
   frees the share's moments, and its master too where the optimizer, not DeepSpeed, owned it (`loop`);
 * activations are the tensors autograd saves for backward, counted per transformer layer (see
   `layer_activation_bytes`); layer-level offload moves those of the first `cpu_offloading_num_layers`
-  layers to CPU memory.
+  layers to CPU memory; weight offload takes those layers' weights, gradients and optimizer state out of
+  DeepSpeed's optimizer into CPU memory (18 bytes per parameter there with bf16, 16 with fp32).
 
 Not counted: the CUDA context and allocator fragmentation (typically 0.5-2 GiB), communication buckets,
 temporary buffers inside kernels.
@@ -213,19 +214,26 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
 
     gpu, cpu = Memory(params, grads, opt, acts), Memory()
     m, o = config.model, config.optimizer
+    k = 0
     if m.cpu_offloading:
         k = min(int(m.cpu_offloading_num_layers), max(spec.layers - 1, 0))
         if m.cpu_offloading_activations and k:
             gpu.activations -= k * offloadable
             cpu.activations += k * offloadable
         if m.cpu_offloading_weights and k:
+            # Out of DeepSpeed's optimizer altogether: weights (but those in use at the peak: the running layer
+            # and the prefetched ones), gradients and optimizer state; replicated, not partitioned, on the CPU.
+            wn = k * spec.layer_params
             resident = min(k, 1 + int(m.cpu_offloading_prefetch_depth))
-            moved = (k - resident) * spec.layer_params * pb / (gpus if stage >= 3 else 1)
-            gpu.params -= moved
-            cpu.params += k * spec.layer_params * pb / (gpus if stage >= 3 else 1)
+            gpu.params -= (k - resident) * spec.layer_params * pb
+            gpu.grads -= wn * gb / (gpus if stage >= 2 else 1)
+            gpu.optimizer -= wn * ob / (gpus if stage >= 1 else 1)
+            cpu.params += wn * (pb if pb != 4 else 0)  # the working copy (fp32 models: the master is it)
+            cpu.optimizer += wn * 16  # fp32 master, gradient accumulator, two moments
     if o.optimizer_cpu_offload:
         f = float(o.optimizer_offload_fraction)
-        share = n / (gpus if stage >= 1 else 1)
+        weights_n = k * spec.layer_params if m.cpu_offloading and m.cpu_offloading_weights else 0
+        share = (n - weights_n) / (gpus if stage >= 1 else 1)
         if loop == "deepspeed" and mixed and stage in (1, 2) and not bf16_optimizer_runs(stage, precision == "bf16", ds):
             gpu.optimizer -= f * share * 12         # ZeRO-1/2: the cut partition's masters and moments
         elif loop == "deepspeed" or not mixed:

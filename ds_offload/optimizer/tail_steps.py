@@ -83,7 +83,9 @@ class TailSteps:
 
     # ------------------------------------------------------------------------------- CPU + H2D
     def start(self, jobs):
-        """Step and send back every job's chunks: `(bucket id, tail, lp_tail, runs_of(a, b), chunks)`.
+        """Step and send back every job's chunks: `(bucket id, bufs, lp, runs_of(a, b), chunks, scale)`; `bufs`
+        has `.master` and `.grad` (a tail, an offloaded layer), `lp` is where the updated weights go, `scale`
+        multiplies a gradient that is already on the host (1.0 when `send_grads` scaled it).
 
         Inline, returns when done; deferred, returns at once. The weight copies wait for the compute stream's
         work queued so far (the backward still reading the old weights)."""
@@ -91,8 +93,8 @@ class TailSteps:
             return
         if self.on_cuda:
             self.h2d.wait_stream(torch.cuda.current_stream())
-        self._chunks = [c for job in jobs for c in job[-1]]
-        self.pending = {(tid, k): c for tid, *_, chunks in jobs for k, c in enumerate(chunks)}
+        self._chunks = [c for job in jobs for c in job[4]]
+        self.pending = {(job[0], k): c for job in jobs for k, c in enumerate(job[4])}
         if self._executor is None:
             self._run(jobs)
             self.land()
@@ -102,10 +104,12 @@ class TailSteps:
     def _run(self, jobs):
         try:
             staging = None
-            for bucket_id, tail, lp_tail, runs_of, chunks in jobs:
+            for bucket_id, tail, lp_tail, runs_of, chunks, scale in jobs:
                 for c in chunks:
                     if c.d2h_event is not None:
                         c.d2h_event.synchronize()
+                    if scale != 1.0:
+                        tail.grad[c.a:c.b].mul_(scale)
                     self.backend.run(bucket_id, runs_of(c.a, c.b))
                     if lp_tail.is_cuda:
                         with torch.cuda.device(lp_tail.device), torch.cuda.stream(self.h2d):

@@ -17,6 +17,7 @@ all-gather needs the whole partition, so `step()` waits. The CPU step does not s
 clip coefficient and the overflow verdict are known only after it.
 """
 import contextlib
+import math
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ from .layout import host_buffer
 from .tail_steps import TailSteps, chunk_spans
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+_WEIGHTS_KEY = "ds_offload_weights"  # the optimizer state of the offloaded layers, in the optimizer's state dict
 
 
 class _CpuTail:
@@ -51,6 +53,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     """DeepSpeed's ZeRO-1/2 optimizer with the last `optimizer_offload_fraction` of each partition on the CPU."""
 
     offload = None  # the OptimizerOffloadConfig, set by `zero_optimizer_class`
+    weights = None  # the WeightOffload of the first layers, or None, set by `zero_optimizer_class`
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -69,9 +72,11 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                           "applies to one rank only.", stacklevel=2)
         deferred = o.overlap_cpu_optimizer_d2h_h2d and one_rank
         sizes = [fp32.numel() for fp32 in self.single_partition_of_fp32_groups]
-        cuts = [int(round(o.optimizer_offload_fraction * n)) for n in sizes]
+        fraction = o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0  # weights alone: no cut
+        cuts = [int(round(fraction * n)) for n in sizes]
+        w = self.weights
         mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
-        mode = fit_worker_mode_to_shared_memory(mode, sum(cuts))
+        mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
         shared = CpuAdamBackend.wants_shared_memory(o.use_torch_optimizer_for_cpu_offload, mode == "process")
@@ -89,9 +94,15 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.backend.register((tail.master, tail.grad, tail.exp_avg, tail.exp_avg_sq))
             self.tails.append(tail)
         self._unlink_hp_params()
-        self.tail_steps = TailSteps(self.backend, deferred and any(self.tails), cuda)
+        busy = any(self.tails) or w is not None
+        self.tail_steps = TailSteps(self.backend, deferred and busy, cuda)
         self._hook_handles = []  # _hook_handles => forward and state_dict pre-hooks from attach()
-        if any(self.tails):
+        if w is not None:
+            w.allocate(shared, o.pin_cpu_params, self.dp_process_group)
+            w.register(self.backend)
+            w.tail_steps = self.tail_steps
+            w.boundary = self.is_gradient_accumulation_boundary
+        if busy:
             self.backend.start()
 
     def _unlink_hp_params(self):
@@ -104,23 +115,28 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, closure=None):
-        if not any(self.tails):
+        w = self.weights
+        if not any(self.tails) and w is None:
             return super().step(closure)
         self.tail_steps.land()
+        w_sq = w.finish_backward() if w is not None else 0.0  # the offloaded layers' share of the norm
         self.micro_step_id = INITIAL_MICRO_STEP_ID
         if not self.compute_grad_norm:
             self._global_grad_norm = None
         self.overflow = False
         if self.check_grad_overflow:
             self.check_overflow(partition_gradients=self.partition_gradients)
+            self.overflow = self.overflow or not math.isfinite(w_sq)
         norm = None
         if self.compute_grad_norm and not self.overflow:
             norm = self.scaled_global_norm()
+            if w is not None:
+                norm = torch.sqrt(norm.double() ** 2 + w_sq).to(norm.dtype)
             if (self.dtype != torch.bfloat16 or self.check_grad_overflow) and is_invalid_grad_norm(norm):
                 self.overflow = True
         prev_scale = self.loss_scale
         self._update_scale(self.overflow)
-        if self.overflow:  # the whole step is skipped, both parts: DeepSpeed's rule
+        if self.overflow:  # the whole step is skipped, every part: DeepSpeed's rule
             if self.compute_grad_norm:
                 self._global_grad_norm = float("inf")
             self.zero_grad(set_to_none=True)
@@ -128,11 +144,15 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             for k in self.averaged_gradients.keys():
                 self.averaged_gradients[k] = None
                 self.all_grad_tensors[k] = None
+            if w is not None:
+                w.discard_grads()
             return
         if norm is not None:
             self._global_grad_norm = norm / prev_scale
         inverse_scale = self._inverse_scale(norm)  # one device sync per step, for all the tails
-        jobs = [job for i in range(len(self.bit16_groups)) for job in self._step_group(i, norm, inverse_scale)]
+        # The offloaded layers first: they are the first the next forward needs.
+        jobs = w.jobs(self.optimizer.param_groups, inverse_scale) if w is not None else []
+        jobs += [job for i in range(len(self.bit16_groups)) for job in self._step_group(i, norm, inverse_scale)]
         self.tail_steps.start(jobs)
         all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
                              partitioned_param_groups=self.parallel_partitioned_bit16_groups,
@@ -193,7 +213,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         beta1, beta2 = g["betas"]
         hyper = (tail.step, float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
         tail.step += 1
-        return [(self._tail_id(i), tail, lp_partition[tail.start:], lambda a, b: [(a, b, *hyper)], chunks)]
+        return [(self._tail_id(i), tail, lp_partition[tail.start:], lambda a, b: [(a, b, *hyper)], chunks, 1.0)]
 
     def _tail_id(self, i):
         """The backend's bucket id of group `i`'s tail (tails were registered in group order)."""
@@ -203,6 +223,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def _restore_from_bit16_weights(self):
         """The masters from the model's low-precision weights (DeepSpeed's `refresh_fp32_params`)."""
         self.tail_steps.land()
+        if self.weights is not None:
+            self.weights.refresh_masters()
         for i, (partitions, head) in enumerate(zip(self.parallel_partitioned_bit16_groups,
                                                    self.single_partition_of_fp32_groups)):
             lp = partitions[dist.get_rank(group=self.real_dp_process_group[i])].detach()
@@ -250,7 +272,10 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def state_dict(self):
         self.tail_steps.land()
         with self._whole_partitions():
-            return super().state_dict()
+            sd = super().state_dict()
+        if self.weights is not None:
+            sd[_WEIGHTS_KEY] = self.weights.state_dict()
+        return sd
 
     def load_state_dict(self, state_dict_list, load_optimizer_states=True, load_from_fp32_weights=False,
                         checkpoint_folder=None, load_serial=None, param_shapes=None):
@@ -258,6 +283,19 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             raise NotImplementedError("universal checkpoints are not supported with cpu_offloading.optimizer; "
                                       "load a regular DeepSpeed checkpoint, or remove the block to load this one")
         self.tail_steps.land()
+        mine = dist.get_rank(group=self.dp_process_group)
+        weights_sd = [sd.pop(_WEIGHTS_KEY, None) if isinstance(sd, dict) else None for sd in state_dict_list]
+        if self.weights is not None:
+            if weights_sd[min(mine, len(weights_sd) - 1)] is None:
+                raise ValueError("this checkpoint was saved without cpu_offloading.model.cpu_offloading_weights, so its "
+                                 "optimizer state does not hold the offloaded layers in this layout. Fix: load it with "
+                                 "engine.load_checkpoint(..., load_optimizer_states=False) (weights only; the masters "
+                                 "are re-read from them), or without the weights offload.")
+            self.weights.load_state_dict(weights_sd[min(mine, len(weights_sd) - 1)])
+        elif any(x is not None for x in weights_sd):
+            raise ValueError("this checkpoint was saved with cpu_offloading.model.cpu_offloading_weights: its optimizer "
+                             "state leaves the offloaded layers out of DeepSpeed's partitions. Fix: load it with the same "
+                             "weights offload, or with engine.load_checkpoint(..., load_optimizer_states=False).")
         with self._whole_partitions() as heads:
             super().load_state_dict(state_dict_list, load_optimizer_states, load_from_fp32_weights)
             for i, (head, tail) in enumerate(zip(heads, self.tails)):
@@ -316,6 +354,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         self.tail_steps.land()
 
     def close(self):
+        if self.weights is not None:
+            self.weights.close()
         for h in self._hook_handles:
             h.remove()
         self._hook_handles = []
@@ -330,17 +370,17 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
-def zero_optimizer_class(settings):
-    """HybridZeroOptimizer bound to the block's `cpu_offloading.optimizer` settings."""
-    return type("HybridZeroOptimizer", (HybridZeroOptimizer,), {"offload": settings})
+def zero_optimizer_class(settings, weights=None):
+    """HybridZeroOptimizer bound to the block's `cpu_offloading.optimizer` settings (and a WeightOffload)."""
+    return type("HybridZeroOptimizer", (HybridZeroOptimizer,), {"offload": settings, "weights": weights})
 
 
 @contextlib.contextmanager
-def deepspeed_builds_hybrid_zero(settings):
+def deepspeed_builds_hybrid_zero(settings, weights=None):
     """While active, DeepSpeed's engine builds its ZeRO-1/2 optimizer as a HybridZeroOptimizer."""
     import deepspeed.runtime.engine as ds_engine
     original = ds_engine.DeepSpeedZeroOptimizer
-    ds_engine.DeepSpeedZeroOptimizer = zero_optimizer_class(settings)
+    ds_engine.DeepSpeedZeroOptimizer = zero_optimizer_class(settings, weights)
     try:
         yield
     finally:

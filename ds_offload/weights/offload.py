@@ -1,0 +1,371 @@
+"""Weight offloading of the first N transformer layers: between uses, their parameters hold no GPU memory.
+
+Why this shape: nobody else has it in training (Transformer Engine removed it, DeepSpeed's `offload_param`
+needs ZeRO-3), and under ZeRO-1/2 DeepSpeed flattens every parameter it optimizes into GPU buffers. So the
+offloaded layers' trainable parameters are kept out of DeepSpeed's optimizer altogether, and this module owns
+what DeepSpeed would have done for them: their data-parallel reduction, their share of the gradient norm
+(clipping, fp16 overflow) and their Adam step, which `HybridZeroOptimizer` runs on the same CPU Adam backend
+and through the same `TailSteps` as the offloaded share of its partitions.
+
+Per offloaded layer, in CPU memory: the fp32 master, Adam's two moments, an fp32 gradient accumulator, and
+the working copy in the model's dtype (the parameters' `.data` between uses, so `parameters()`,
+`state_dict()` and checkpoints read the last update; for fp32 models it is the master itself).
+
+A layer's working copy comes to the GPU on a side stream ahead of its forward (`prefetch_depth` layers
+ahead) and again ahead of its backward (from the gradient hook of the layer after it); the forward saves
+the weights for backward as references (saved-tensor hooks), so nothing of them stays on the GPU between
+forward and backward. Gradients leave per layer once all of its parameters have one: reduced across ranks,
+cast to fp32, copied to the host, accumulated there across micro-steps by a worker thread that also takes
+the squared norm at the accumulation boundary.
+"""
+import concurrent.futures
+
+import torch
+import torch.distributed as tdist
+
+from ..activations.layer_hooks import _first_grad_tensor
+from ..errors import ConfigError
+from ..optimizer.layout import host_buffer
+from ..optimizer.tail_steps import Chunk, chunk_spans
+from ..optimizer.transfers import make_streams
+
+
+class _Weight:
+    """What the forward saved instead of a weight: where to find it again in backward."""
+    __slots__ = ("layer", "size", "stride", "offset")
+
+    def __init__(self, layer, t):
+        self.layer, self.size, self.stride, self.offset = layer, t.size(), t.stride(), t.storage_offset()
+
+
+class _Outer:
+    """A tensor packed by the saved-tensor hooks that were active outside ours (activation offload)."""
+    __slots__ = ("packed", "unpack")
+
+    def __init__(self, packed, unpack):
+        self.packed, self.unpack = packed, unpack
+
+
+class _Layer:
+    """One offloaded layer's buffers and its state within a step."""
+
+    def __init__(self, index, module, params, groups):
+        self.index = index  # index => position among the offloaded layers, in forward order
+        self.module = module
+        self.params = params  # params => its trainable parameters, in module.parameters() order
+        self.offsets, off = [], 0  # offsets => each param's start in the layer's flat buffers
+        for p in params:
+            self.offsets.append(off)
+            off += p.numel()
+        self.numel = off
+        # spans => [(start, end, param group index)]: contiguous runs of one optimizer param group
+        self.spans = []
+        for p, o, g in zip(params, self.offsets, groups):
+            if self.spans and self.spans[-1][2] == g and self.spans[-1][1] == o:
+                self.spans[-1] = (self.spans[-1][0], o + p.numel(), g)
+            else:
+                self.spans.append((o, o + p.numel(), g))
+        self.working = self.master = self.grad = self.exp_avg = self.exp_avg_sq = self.staging = None
+        self.bucket_id = None  # bucket_id => its id in the CPU Adam backend
+        self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
+        self.device_copy = None  # device_copy => flat copy on the GPU while in use, None between uses
+        self.fetched = None  # fetched => CUDA event after device_copy's copy from the host
+        self.arrived = set()  # arrived => ids of params whose gradient this backward delivered
+        self.accumulated = False  # accumulated => `grad` holds a gradient of this accumulation window
+        self.grad_future = None  # grad_future => the worker's accumulation of the last gradient copy
+        self.sq = 0.0  # sq => squared L2 norm of the accumulated gradient, taken at the boundary
+        self.update_keys = []  # update_keys => this layer's chunks in TailSteps.pending after a step
+
+    def views(self, flat):
+        return [flat[o:o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
+
+    def point_params_at(self, flat):
+        for p, v in zip(self.params, self.views(flat)):
+            p.data = v
+
+
+class WeightOffload:
+    """The first `num_layers` layers' weights in CPU memory between uses; built before DeepSpeed's engine."""
+
+    def __init__(self, plan, next_layers, prefetch_depth=1):
+        self.plan = plan  # plan => the WeightPlan of the offloaded layers
+        self.layers = [_Layer(i, m, ps, gs) for i, (m, ps, gs) in enumerate(self.plan.layers)]
+        self.next_layers = list(next_layers)  # next_layers => the layers after ours, whose backward prefetches ours
+        self.prefetch_depth = prefetch_depth
+        self.on_cuda = False
+        self.tail_steps = None  # tail_steps => the optimizer's TailSteps, which steps our buckets too
+        self.boundary = lambda: True  # boundary => whether this backward ends an accumulation window
+        self.group = None  # group => the data-parallel process group the gradients are averaged over
+        self._hooks = []
+        self._stack = []  # _stack => saved_tensors_hooks contexts of the layers whose forward is running
+        self._callback_queued = False
+        self._executor = None
+
+    @property
+    def numel(self):
+        return sum(L.numel for L in self.layers)
+
+    # ------------------------------------------------------------------------------------- set-up
+    def allocate(self, shared, pin, group):
+        """Move the layers' parameters to CPU memory (called by the optimizer, inside DeepSpeed's engine set-up,
+        after the engine placed and cast the model); their GPU storage is released here."""
+        self.group = group
+        self.on_cuda = any(p.is_cuda for L in self.layers for p in L.params)
+        pin = pin and self.on_cuda
+        for L in self.layers:
+            flat = torch.cat([p.detach().reshape(-1) for p in L.params]).cpu()
+            L.master = host_buffer(L.numel, pin, shared)
+            L.master.copy_(flat)
+            if flat.dtype == torch.float32:
+                L.working = L.master
+            else:
+                L.working = flat.pin_memory() if pin else flat
+            L.grad = host_buffer(L.numel, pin, shared)
+            L.exp_avg = host_buffer(L.numel, False, shared)
+            L.exp_avg_sq = host_buffer(L.numel, False, shared)
+            L.point_params_at(L.working)
+        if self.on_cuda:
+            self.d2h, self.h2d = make_streams()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ds_offload_weight_grads")
+
+    def register(self, backend):
+        for L in self.layers:
+            L.bucket_id = backend.register((L.master, L.grad, L.exp_avg, L.exp_avg_sq))
+
+    def install(self):
+        """Hooks on the layers: fetch and release around forward, references for saved weights, gradients out."""
+        for L in self.layers:
+            self._hooks.append(L.module.register_forward_pre_hook(self._pre_forward(L)))
+            self._hooks.append(L.module.register_forward_hook(self._post_forward(L), prepend=True, always_call=True))
+            self._hooks.append(L.module.register_state_dict_pre_hook(lambda *_: self.tail_steps.land()))
+            for p in L.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, L=L: self._on_grad(L, p)))
+        for j, module in enumerate(self.next_layers):
+            self._hooks.append(module.register_forward_hook(self._after_next_layer(len(self.layers) + j)))
+
+    # -------------------------------------------------------------------------------- transfers
+    def _fetch(self, L):
+        """Start bringing L's working copy to the device (after its last CPU update is written)."""
+        if L.device_copy is not None:
+            return
+        self.tail_steps.wait_for(L.update_keys)
+        if not self.on_cuda:
+            L.device_copy = L.working.clone()
+            return
+        compute = torch.cuda.current_stream()
+        buf = torch.empty(L.numel, dtype=L.working.dtype, device=compute.device)
+        self.h2d.wait_stream(compute)  # the block may have been freed by kernels still queued there
+        with torch.cuda.stream(self.h2d):
+            buf.copy_(L.working, non_blocking=True)
+            L.fetched = torch.cuda.Event()
+            L.fetched.record()
+        L.device_copy = buf
+
+    def _use(self, L):
+        self._fetch(L)
+        if L.fetched is not None:
+            torch.cuda.current_stream().wait_event(L.fetched)
+        L.point_params_at(L.device_copy)
+
+    def _release(self, L):
+        L.point_params_at(L.working)
+        L.device_copy = L.fetched = None
+
+    def _prefetch(self, first, last):
+        for j in range(max(first, 0), min(last, len(self.layers))):
+            self._fetch(self.layers[j])
+
+    # ------------------------------------------------------------------------------------ forward
+    def _pre_forward(self, L):
+        def hook(module, args):
+            self._use(L)
+            self._prefetch(L.index + 1, L.index + 1 + self.prefetch_depth)
+            ctx = None
+            if torch.is_grad_enabled():
+                outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+                ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(L, t, outer), self._unpack)
+                ctx.__enter__()
+            self._stack.append(ctx)
+        return hook
+
+    def _post_forward(self, L):
+        def hook(module, args, output):
+            ctx = self._stack.pop() if self._stack else None
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            self._release(L)
+            t = _first_grad_tensor(output) if torch.is_grad_enabled() else None
+            if t is not None:
+                t.register_hook(lambda g: self._before_backward(L.index))
+        return hook
+
+    def _after_next_layer(self, j):
+        def hook(module, args, output):
+            t = _first_grad_tensor(output) if torch.is_grad_enabled() else None
+            if t is not None:
+                t.register_hook(lambda g: self._before_backward(j))
+        return hook
+
+    def _pack(self, L, t, outer):
+        dc = L.device_copy
+        if dc is not None and t.device == dc.device and t.untyped_storage().data_ptr() == dc.untyped_storage().data_ptr():
+            return _Weight(L, t)
+        if outer is not None:
+            return _Outer(outer[0](t), outer[1])
+        return t
+
+    def _unpack(self, packed):
+        if isinstance(packed, _Weight):
+            L = packed.layer
+            self._fetch(L)
+            if L.fetched is not None:
+                torch.cuda.current_stream().wait_event(L.fetched)
+            return L.device_copy.as_strided(packed.size, packed.stride, packed.offset)
+        if isinstance(packed, _Outer):
+            return packed.unpack(packed.packed)
+        return packed
+
+    # ----------------------------------------------------------------------------------- backward
+    def _before_backward(self, j):
+        """Layer j's backward is about to start: it (if offloaded) must be resident, the next ones on their way."""
+        self._queue_end_of_backward()
+        if j < len(self.layers):
+            self._use(self.layers[j])
+        self._prefetch(j - self.prefetch_depth, j)
+
+    def _queue_end_of_backward(self):
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _on_grad(self, L, p):
+        self._queue_end_of_backward()
+        L.arrived.add(id(p))
+        if len(L.arrived) == len(L.params):
+            self._grads_out(L)
+
+    def _end_of_backward(self):
+        """Layers some of whose params got no gradient this backward: theirs count as zero."""
+        self._callback_queued = False
+        for L in self.layers:
+            if L.arrived:
+                self._grads_out(L)
+            elif L.device_copy is not None:
+                self._release(L)
+
+    def _grads_out(self, L):
+        dev = L.device_copy.device if L.device_copy is not None else L.working.device
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, device=dev)).reshape(-1).float()
+                          for p in L.params])
+        for p in L.params:
+            p.grad = None
+        L.arrived.clear()
+        if self.group is not None and tdist.get_world_size(self.group) > 1:
+            tdist.all_reduce(flat, group=self.group)
+            flat.div_(tdist.get_world_size(self.group))
+        add = L.accumulated
+        if add:
+            if L.grad_future is not None:
+                L.grad_future.result()  # the last add has read `staging`
+            if L.staging is None:
+                L.staging = host_buffer(L.numel, self.on_cuda, False)
+        dest = L.staging if add else L.grad
+        event = None
+        if flat.is_cuda:
+            self.d2h.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.d2h):
+                dest.copy_(flat, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            flat.record_stream(self.d2h)
+        else:
+            dest.copy_(flat)
+        L.accumulated = True
+        L.grad_future = self._executor.submit(self._accumulate, L, event, add, self.boundary())
+        self._release(L)
+
+    @staticmethod
+    def _accumulate(L, event, add, boundary):
+        if event is not None:
+            event.synchronize()
+        if add:
+            L.grad.add_(L.staging)
+        if boundary:
+            L.sq = float(torch.linalg.vector_norm(L.grad, dtype=torch.float64)) ** 2
+
+    # --------------------------------------------------------------------------------------- step
+    def finish_backward(self):
+        """The squared norm of every offloaded gradient (as scaled by the loss scale), once all are on the host."""
+        total = 0.0
+        for L in self.layers:
+            if L.grad_future is not None:
+                L.grad_future.result()
+                L.grad_future = None
+            if L.accumulated:
+                total += L.sq
+            else:
+                L.grad.zero_()  # no gradient this window: Adam still steps it with zeros, as DeepSpeed does
+        return total
+
+    def discard_grads(self):
+        """An overflow-skipped step: the window's gradients go, nothing is stepped."""
+        for L in self.layers:
+            L.accumulated = False
+
+    def jobs(self, param_groups, inverse_scale):
+        """TailSteps jobs stepping every layer (first layers first: the next forward needs them first)."""
+        out = []
+        for L in self.layers:
+            hyper = {g: (L.step, float(param_groups[g]["lr"]), float(param_groups[g]["betas"][0]),
+                         float(param_groups[g]["betas"][1]), float(param_groups[g]["eps"]),
+                         float(param_groups[g]["weight_decay"])) for _, _, g in L.spans}
+
+            def runs_of(a, b, L=L, hyper=hyper):
+                return [(max(a, s), min(b, e), *hyper[g]) for s, e, g in L.spans if s < b and a < e]
+            chunks = [Chunk(a, b) for a, b in chunk_spans(L.numel)]
+            L.update_keys = [(L.bucket_id, k) for k in range(len(chunks))]
+            L.step += 1
+            L.accumulated = False
+            out.append((L.bucket_id, L, L.working, runs_of, chunks, inverse_scale))
+        return out
+
+    def refresh_masters(self):
+        """The masters from the working copies (after a module-only checkpoint load wrote them)."""
+        for L in self.layers:
+            if L.master is not L.working:
+                L.master.copy_(L.working)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def state_dict(self):
+        return {"numel": [L.numel for L in self.layers],
+                "layers": [{"master": L.master.clone(), "exp_avg": L.exp_avg.clone(), "exp_avg_sq": L.exp_avg_sq.clone(),
+                            "step": L.step} for L in self.layers]}
+
+    def load_state_dict(self, sd):
+        if sd["numel"] != [L.numel for L in self.layers]:
+            raise ConfigError([("cpu_offloading.model.cpu_offloading_num_layers",
+                                f"the checkpoint's offloaded layers hold {sd['numel']} elements, this run's "
+                                f"{[L.numel for L in self.layers]}. Fix: resume with the same "
+                                "cpu_offloading_num_layers, or load with load_optimizer_states=False.")])
+        for L, s in zip(self.layers, sd["layers"]):
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                getattr(L, key).copy_(s[key])
+            L.step = int(s["step"])
+            if L.working is not L.master:
+                L.working.copy_(L.master)
+
+    # ---------------------------------------------------------------------------------- reporting
+    def summary(self):
+        n = self.numel
+        dtype = self.layers[0].working.dtype if self.layers and self.layers[0].working is not None else None
+        per = (dtype.itemsize if dtype is not None else 2) * 2 + 12  # weight + gradient + master + moments
+        return (f"weights of the first {len(self.layers)} layers ({n / 1e6:.2f}M parameters, "
+                f"{per * n / 2**30:.2f} GiB of weights, gradients, fp32 masters and moments) moved off the GPU")
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
