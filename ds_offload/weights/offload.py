@@ -14,9 +14,9 @@ the working copy in the model's dtype (the parameters' `.data` between uses, so 
 A layer's working copy comes to the GPU on a side stream ahead of its forward (`prefetch_depth` layers
 ahead) and again ahead of its backward (from the gradient hook of the layer after it); the forward saves
 the weights for backward as references (saved-tensor hooks), so nothing of them stays on the GPU between
-forward and backward. Gradients leave per layer once all of its parameters have one: reduced across ranks,
-cast to fp32, copied to the host, accumulated there across micro-steps by a worker thread that also takes
-the squared norm at the accumulation boundary.
+forward and backward. Each gradient leaves as soon as it is complete (a post-accumulate-grad hook): reduced
+across ranks, cast to fp32 and squared-summed on the side stream, copied to the host and freed; over several
+micro-steps a worker thread accumulates them on the host and takes the norm of the sum at the boundary.
 """
 import concurrent.futures
 
@@ -73,7 +73,11 @@ class _Layer:
         self.arrived = set()  # arrived => ids of params whose gradient this backward delivered
         self.accumulated = False  # accumulated => `grad` holds a gradient of this accumulation window
         self.grad_future = None  # grad_future => the worker's accumulation of the last gradient copy
-        self.sq = 0.0  # sq => squared L2 norm of the accumulated gradient, taken at the boundary
+        self.sq = 0.0  # sq => squared L2 norm of the accumulated gradient, taken on the host at the boundary
+        self.gpu_sq = None  # gpu_sq => the same on the device, when the window has a single micro-step
+        self.adding = False  # adding => this backward's gradients go to `staging`, then are added to `grad`
+        self.boundary = False  # boundary => this backward ends the accumulation window
+        self.d2h_event = None  # d2h_event => CUDA event after this window's copies, when no worker task waits on it
         self.update_keys = []  # update_keys => this layer's chunks in TailSteps.pending after a step
 
     def views(self, flat):
@@ -239,72 +243,106 @@ class WeightOffload:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _on_grad(self, L, p):
+        """A parameter's gradient is complete: reduce it, send it to the host as fp32 and free it on the GPU.
+
+        Per parameter rather than per layer, so at most one parameter's fp32 copy exists on the GPU at a time."""
         self._queue_end_of_backward()
+        if id(p) in L.arrived or p.grad is None:
+            return
+        if not L.arrived:
+            self._open_window(L)
         L.arrived.add(id(p))
+        g, p.grad = p.grad, None
+        if self.group is not None and tdist.get_world_size(self.group) > 1:
+            tdist.all_reduce(g, group=self.group)
+            g.div_(tdist.get_world_size(self.group))
+        i = next(k for k, q in enumerate(L.params) if q is p)
+        o, n = L.offsets[i], p.numel()
+        dest = (L.staging if L.adding else L.grad)[o:o + n]
+        if g.is_cuda:
+            self.d2h.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.d2h):
+                g32 = g.reshape(-1).float()
+                if L.gpu_sq is not None:  # the window's only micro-step: its norm on the device, in fp32
+                    L.gpu_sq += g32.square().sum()
+                dest.copy_(g32, non_blocking=True)
+            g.record_stream(self.d2h)
+        else:
+            g32 = g.reshape(-1).float()
+            if L.gpu_sq is not None:
+                L.gpu_sq += g32.square().sum()
+            dest.copy_(g32)
         if len(L.arrived) == len(L.params):
-            self._grads_out(L)
+            self._close_window(L)
+
+    def _open_window(self, L):
+        """The first gradient of L in this backward: where its gradients go and how its norm is taken."""
+        L.adding = L.accumulated  # an earlier micro-step of this window is in `grad`: add to it
+        if L.adding:
+            if L.grad_future is not None:
+                L.grad_future.result()  # the last add has read `staging`
+            if L.staging is None:
+                L.staging = host_buffer(L.numel, self.on_cuda, False)
+        L.boundary = self.boundary()
+        single = L.boundary and not L.adding
+        dev = L.device_copy.device if L.device_copy is not None else L.working.device
+        L.gpu_sq = torch.zeros((), dtype=torch.float32, device=dev) if single else None
 
     def _end_of_backward(self):
         """Layers some of whose params got no gradient this backward: theirs count as zero."""
         self._callback_queued = False
         for L in self.layers:
             if L.arrived:
-                self._grads_out(L)
+                self._close_window(L)
             elif L.device_copy is not None:
                 self._release(L)
 
-    def _grads_out(self, L):
-        dev = L.device_copy.device if L.device_copy is not None else L.working.device
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, device=dev)).reshape(-1).float()
-                          for p in L.params])
-        for p in L.params:
-            p.grad = None
+    def _close_window(self, L):
+        for p, o in zip(L.params, L.offsets):
+            if id(p) not in L.arrived:
+                (L.staging if L.adding else L.grad)[o:o + p.numel()].zero_()
         L.arrived.clear()
-        if self.group is not None and tdist.get_world_size(self.group) > 1:
-            tdist.all_reduce(flat, group=self.group)
-            flat.div_(tdist.get_world_size(self.group))
-        add = L.accumulated
-        if add:
-            if L.grad_future is not None:
-                L.grad_future.result()  # the last add has read `staging`
-            if L.staging is None:
-                L.staging = host_buffer(L.numel, self.on_cuda, False)
-        dest = L.staging if add else L.grad
         event = None
-        if flat.is_cuda:
-            self.d2h.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.d2h):
-                dest.copy_(flat, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            flat.record_stream(self.d2h)
-        else:
-            dest.copy_(flat)
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record(self.d2h)  # FIFO stream: after every copy of this layer
         L.accumulated = True
-        L.grad_future = self._executor.submit(self._accumulate, L, event, add, self.boundary())
+        if L.adding or L.boundary:
+            L.grad_future = self._executor.submit(self._accumulate, L, event, L.adding, L.boundary and L.adding)
+        elif event is not None:
+            L.grad_future = None
+            L.d2h_event = event
         self._release(L)
 
     @staticmethod
-    def _accumulate(L, event, add, boundary):
+    def _accumulate(L, event, add, cpu_norm):
         if event is not None:
             event.synchronize()
         if add:
             L.grad.add_(L.staging)
-        if boundary:
-            L.sq = float(torch.linalg.vector_norm(L.grad, dtype=torch.float64)) ** 2
+        if cpu_norm:  # accumulated over micro-steps: the norm of the sum, on the host
+            L.sq = float(torch.linalg.vector_norm(L.grad)) ** 2
 
     # --------------------------------------------------------------------------------------- step
     def finish_backward(self):
         """The squared norm of every offloaded gradient (as scaled by the loss scale), once all are on the host."""
-        total = 0.0
+        total, on_device = 0.0, []
         for L in self.layers:
             if L.grad_future is not None:
                 L.grad_future.result()
                 L.grad_future = None
-            if L.accumulated:
-                total += L.sq
-            else:
+            if L.d2h_event is not None:
+                L.d2h_event.synchronize()
+                L.d2h_event = None
+            if not L.accumulated:
                 L.grad.zero_()  # no gradient this window: Adam still steps it with zeros, as DeepSpeed does
+            elif L.gpu_sq is not None:
+                on_device.append(L.gpu_sq)
+            else:
+                total += L.sq
+            L.gpu_sq = None
+        if on_device:
+            total += float(torch.stack(on_device).double().sum())  # one device sync for every layer
         return total
 
     def discard_grads(self):
