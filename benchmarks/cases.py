@@ -119,12 +119,13 @@ def _shape_cases(shape):
                 params=dict(stage=1, f=f, overlap=True), needs_ds_build=True, mode="opt", est_s=28 + int(10 * f),
                 budget_s=150, loss_ref="engine_plain_z1",
                 label=f"ds_offload.initialize ZeRO-1 bf16 clip 1.0, optimizer f={f}, CPU step behind the next forward")
-        for n, acts in ((4, False), (8, False), (8, True)):
-            tag = "_acts" if acts else ""
+        for n, acts, ov in ((4, False, False), (8, False, False), (8, True, False), (8, False, True)):
+            tag = ("_acts" if acts else "") + ("_ov" if ov else "")
             add(f"ours_engine_weights_n{n}{tag}", "ours", "cases:ours_engine_weights", tier=2,
-                params=dict(stage=1, n=n, acts=acts), needs_ds_build=True, mode="weights", est_s=35, budget_s=150,
-                loss_ref="engine_plain_z1", label=f"ds_offload.initialize ZeRO-1 bf16 clip 1.0, weights N={n}"
-                + (" + activations" if acts else ""))
+                params=dict(stage=1, n=n, acts=acts, overlap=ov), needs_ds_build=True, mode="weights", est_s=35,
+                budget_s=150, loss_ref="engine_plain_z1",
+                label=f"ds_offload.initialize ZeRO-1 bf16 clip 1.0, weights N={n}" + (" + activations" if acts else "")
+                + (", CPU step behind the next forward" if ov else ""))
         add("engine_plain_z2", "baseline", "cases:engine_plain", tier=2, params=dict(stage=2), est_s=25,
             budget_s=120, mode="opt", loss_ref="engine_plain_z2", label="plain DeepSpeed ZeRO-2 bf16, clipping 1.0")
         add("ours_engine_opt_z2_f50_ov", "ours", "cases:ours_engine_opt", tier=2,
@@ -459,12 +460,14 @@ def ours_engine_opt(shape, warm, steps, stage, f, overlap=False):
                                    cpu_offloading=block)
 
 
-def ours_engine_weights(shape, warm, steps, stage, n, acts=False):
+def ours_engine_weights(shape, warm, steps, stage, n, acts=False, overlap=False):
     """The same config with the first `n` layers' weights (and activations with `acts`) offloaded."""
     import ds_offload
     H.init_dist_env()
     block = {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": n, "cpu_offloading_activations": acts,
                        "cpu_offloading_weights": True}}
-    res = H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, {"stage": stage},
-                                  extra=dict(n=n, acts=acts), gradient_clipping=1.0, cpu_offloading=block)
-    return res
+    if overlap:
+        block["optimizer"] = {"overlap_cpu_optimizer_d2h_h2d": True}
+    return H.deepspeed_engine_case(ds_offload.initialize, shape, warm, steps, {"stage": stage},
+                                   extra=dict(n=n, acts=acts, overlap=overlap), gradient_clipping=1.0,
+                                   cpu_offloading=block)

@@ -114,6 +114,7 @@ def test_chunked_transfers_match_one_chunk(monkeypatch):
     import ds_offload.optimizer.tail_steps as T
     whole, _ = train(config(2, "bf16", fraction=1.0), steps=5)
     monkeypatch.setattr(T, "CHUNK_NUMEL", 1000)  # the tail's ~33k elements in 34 chunks
+    monkeypatch.setattr(T, "HOST_SPAN_NUMEL", 333)  # each stepped in spans on the host
     chunked, engine = train(config(2, "bf16", fraction=1.0), steps=5)
     assert chunked == whole
     engine.ds_offload.close()
