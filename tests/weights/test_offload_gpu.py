@@ -112,13 +112,14 @@ def test_races(dist, monkeypatch, delay):
                     torch.cuda._sleep(SLEEP)
             return fetch(self, L)
         monkeypatch.setattr(W.WeightOffload, "_fetch", late)
-    else:  # compute stream late before the gradients are flattened: the copy to the host must wait for it
-        out = W.WeightOffload._grads_out
+    else:  # compute stream late when a gradient is complete: its cast and copy to the host must wait for it
+        on_grad = W.WeightOffload._on_grad
 
-        def late(self, L):
-            torch.cuda._sleep(SLEEP)
-            return out(self, L)
-        monkeypatch.setattr(W.WeightOffload, "_grads_out", late)
+        def late(self, L, p):
+            torch.cuda._sleep(SLEEP // 10)
+            p.grad.mul_(1.0)  # the gradient's last write, queued behind the sleep
+            return on_grad(self, L, p)
+        monkeypatch.setattr(W.WeightOffload, "_on_grad", late)
     delayed, engine = train(config())
     assert delayed == reference
     _close(ref, engine)
