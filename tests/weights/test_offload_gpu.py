@@ -117,7 +117,7 @@ def test_races(dist, monkeypatch, delay):
 
         def late(self, L, p):
             torch.cuda._sleep(SLEEP // 10)
-            p.grad.mul_(1.0)  # the gradient's last write, queued behind the sleep
+            p.grad = p.grad * 1.0  # the gradient now lives in memory written only after the sleep
             return on_grad(self, L, p)
         monkeypatch.setattr(W.WeightOffload, "_on_grad", late)
     delayed, engine = train(config())
