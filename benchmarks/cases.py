@@ -119,7 +119,7 @@ def _shape_cases(shape):
                 params=dict(stage=1, f=f, overlap=True), needs_ds_build=True, mode="opt", est_s=28 + int(10 * f),
                 budget_s=150, loss_ref="engine_plain_z1",
                 label=f"ds_offload.initialize ZeRO-1 bf16 clip 1.0, optimizer f={f}, CPU step behind the next forward")
-        for n, acts, ov in ((4, False, False), (8, False, False), (8, True, False), (8, False, True)):
+        for n, acts, ov in ((4, False, False), (8, False, False), (8, True, False)):
             tag = ("_acts" if acts else "") + ("_ov" if ov else "")
             add(f"ours_engine_weights_n{n}{tag}", "ours", "cases:ours_engine_weights", tier=2,
                 params=dict(stage=1, n=n, acts=acts, overlap=ov), needs_ds_build=True, mode="weights", est_s=35,

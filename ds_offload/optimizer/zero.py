@@ -75,7 +75,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         fraction = o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0  # weights alone: no cut
         cuts = [int(round(fraction * n)) for n in sizes]
         w = self.weights
-        mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
+        mode = pick_worker_mode(None, cuda, deferred and any(cuts), o.use_torch_optimizer_for_cpu_offload)
         mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
@@ -95,7 +95,13 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.tails.append(tail)
         self._unlink_hp_params()
         busy = any(self.tails) or w is not None
-        self.tail_steps = TailSteps(self.backend, deferred and busy, cuda)
+        if deferred and not any(self.tails) and w is not None and dist.get_rank() == 0:
+            warnings.warn("cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d: the offloaded layers are the first "
+                          "the next forward needs, so their CPU step cannot hide behind it, and without "
+                          "optimizer_cpu_offload there is nothing else to overlap: step() lands everything. Fix: "
+                          "leave the key out, or also offload a fraction of the optimizer.", stacklevel=2)
+        # Deferred only where it pays: a tail, the last layers' share, whose step the next forward reaches last.
+        self.tail_steps = TailSteps(self.backend, deferred and any(self.tails), cuda)
         self._hook_handles = []  # _hook_handles => forward and state_dict pre-hooks from attach()
         if w is not None:
             w.allocate(shared, o.pin_cpu_params, self.dp_process_group)
