@@ -156,6 +156,9 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
         click.echo("  optimizer offload alone: " + (f"optimizer_offload_fraction >= {f:.2f}" if f is not None
                                                       else "does not fit even at 1.0"))
         k = fits["activation_layers"]
+        w = fits.get("weight_layers")
+        click.echo("  weight offload alone: " + (f"cpu_offloading_num_layers >= {w} with cpu_offloading_weights"
+                                                 if w is not None else "not enough (or not ZeRO-1/2)"))
         click.echo("  activation offload alone: " + (f"cpu_offloading_num_layers >= {k}" if k is not None
                                                        else f"does not fit even at {max(spec.layers - 1, 0)} layers"))
         if fits["config_layers"]:
@@ -184,14 +187,19 @@ def estimate(model_text, config_path, micro_batch, seq_len, gpus, precision, gpu
         click.echo("\nstep-time cost from measurements:")
         if not cost:
             click.echo("  nothing offloaded by this config: no added time.")
+        def s(x):
+            return "n/a" if x is None else f"{x * 1e3:.0f} ms"
         o = cost.get("optimizer")
         if o:
-            def s(x):
-                return "n/a" if x is None else f"{x * 1e3:.0f} ms"
             click.echo(f"  optimizer: {o['offloaded_elements'] / 1e6:.1f} M elements on the CPU; CPU Adam {s(o['cpu_adam_s'])}, "
                        f"copies {s(o['transfer_s'])} -> about +{s(o['added_s'])} per step")
             if o["cpu_adam_s"] is None:
                 click.echo("  (no CPU Adam measurement: run `ds-offload doctor` without --quick)")
+        wc = cost.get("weights")
+        if wc:
+            click.echo(f"  weights: {wc['offloaded_params'] / 1e6:.1f} M parameters stepped on the CPU after backward"
+                       + (f", CPU Adam {s(wc['cpu_adam_s'])} per step, not hidden" if wc["cpu_adam_s"] is not None
+                          else " (no CPU Adam measurement: run `ds-offload doctor` without --quick)"))
         a = cost.get("activations")
         if a:
             if a.get("added_s_upper_bound") is None:

@@ -42,8 +42,20 @@ def what_fits(spec, config, gpu_bytes, micro_batch, seq_len=None, gpus=1, precis
                 return k
         return None
 
+    def weight_layers_needed(cfg):
+        stage = int((cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0) or 0)
+        if stage not in (1, 2):  # weight offload lives in DeepSpeed's ZeRO-1/2 optimizer
+            return None
+        for k in range(1, max(spec.layers, 1)):
+            c = _with(cfg, model=dict(cpu_offloading=True, cpu_offloading_num_layers=k,
+                                      cpu_offloading_activations=False, cpu_offloading_weights=True))
+            if estimate(spec, c, **args).offload_gpu.total <= budget:
+                return k
+        return None
+
     out["optimizer_fraction"] = frac_needed(base_cfg)
     out["activation_layers"] = layers_needed(base_cfg)
+    out["weight_layers"] = weight_layers_needed(base_cfg)
     m = config.model
     n_cfg = int(m.cpu_offloading_num_layers) if m.cpu_offloading and m.cpu_offloading_activations else 0
     out["config_layers"] = n_cfg
@@ -104,7 +116,8 @@ def advice(est, config=None, pipeline_stages=1, fits=None):
 def step_time_cost(est, measured):
     """Predicted added seconds per optimizer step from doctor's measurements (a dict, see doctor.py).
 
-    Optimizer offload: the CPU Adam step over the offloaded elements, plus the gradient copy down and the
+    Weight offload: the CPU Adam step over the offloaded layers' parameters (the host's scaling and cast add to
+    it). Optimizer offload: the CPU Adam step over the offloaded elements, plus the gradient copy down and the
     updated weights up (hidden behind the CPU step when overlap is on). Activation offload: the copies down in
     forward and up in backward; hidden where a layer's compute takes longer than its copy, so this is the
     upper bound.
@@ -131,6 +144,12 @@ def step_time_cost(est, measured):
         if cpu_s is not None:
             total = max(cpu_s, xfer or 0) if o.overlap_cpu_optimizer_d2h_h2d else cpu_s + (xfer or 0)
         out["optimizer"] = {"offloaded_elements": share, "cpu_adam_s": cpu_s, "transfer_s": xfer, "added_s": total}
+    if m.cpu_offloading and m.cpu_offloading_weights and m.cpu_offloading_num_layers:
+        # Not hidden: the next forward needs the first layers first and backward produces their gradients last.
+        n = min(m.cpu_offloading_num_layers, est.model.layers - 1) * est.model.layer_params
+        rate = measured.get("torch_adam_params_per_s") if o.use_torch_optimizer_for_cpu_offload else \
+            measured.get("deepspeed_cpu_adam_params_per_s")
+        out["weights"] = {"offloaded_params": n, "cpu_adam_s": n / rate if rate else None}
     if m.cpu_offloading and m.cpu_offloading_activations and m.cpu_offloading_num_layers:
         k = min(m.cpu_offloading_num_layers, est.model.layers - 1)
         nbytes = k * est.layer_activation_offloadable

@@ -66,3 +66,33 @@ def test_parse_size():
     assert P.parse_size("512MiB") == 512 * 2 ** 20
     with pytest.raises(ValueError):
         P.parse_size("lots")
+
+
+def test_weights_in_what_fits_and_the_step_cost():
+    s = M.parse_model("reference-gpt")
+    cfg = load_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}})
+    base = M.estimate(s, cfg, micro_batch=8, seq_len=2048).baseline_gpu.total
+    budget = base - 3 * M.GiB
+    fits = P.what_fits(s, cfg, budget, 8, seq_len=2048, reserve=0)
+    w = fits["weight_layers"]
+    assert w is not None and 0 < w < s.layers
+
+    def total(k):
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cpu_offloading=True, cpu_offloading_num_layers=k,
+                                                               cpu_offloading_activations=False,
+                                                               cpu_offloading_weights=True))
+        return M.estimate(s, c, micro_batch=8, seq_len=2048).offload_gpu.total
+    assert total(w) <= budget < total(w - 1)
+    zero0 = load_config({"bf16": {"enabled": True}})
+    assert P.what_fits(s, zero0, budget, 8, seq_len=2048, reserve=0)["weight_layers"] is None  # ZeRO-1/2 only
+    block = {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 8, "cpu_offloading_activations": False,
+                       "cpu_offloading_weights": True}}
+    est = M.estimate(s, load_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+                                     "cpu_offloading": block}), micro_batch=8, seq_len=2048)
+    c = P.step_time_cost(est, {"deepspeed_cpu_adam_params_per_s": 4e9})["weights"]
+    assert c["offloaded_params"] == 8 * s.layer_params and c["cpu_adam_s"] == pytest.approx(8 * s.layer_params / 4e9)
+    # Weights (but the resident layers'), gradients and fp32 masters + moments of the 8 layers leave the GPU.
+    gpu, base = est.offload_gpu, est.baseline_gpu
+    assert base.params - gpu.params == pytest.approx(6 * s.layer_params * 2)
+    assert base.optimizer - gpu.optimizer == pytest.approx(8 * s.layer_params * 12)
+    assert est.offload_cpu.optimizer == pytest.approx(8 * s.layer_params * 16)
