@@ -56,7 +56,7 @@ def _gap(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [2])  # ZeRO-2 reduces in backward hooks: the path that must skip our parameters
 def test_two_ranks_equal_one_rank(tmp_path, stage):
     port = 29620 + 10 * stage
     plain = _gap(_weights(tmp_path, 1, None, stage, port), _weights(tmp_path, 2, None, stage, port + 1))

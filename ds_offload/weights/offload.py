@@ -28,64 +28,7 @@ from ..errors import ConfigError
 from ..optimizer.layout import host_buffer
 from ..optimizer.tail_steps import Chunk, chunk_spans
 from ..optimizer.transfers import make_streams
-
-
-class _Weight:
-    """What the forward saved instead of a weight: where to find it again in backward."""
-    __slots__ = ("layer", "size", "stride", "offset")
-
-    def __init__(self, layer, t):
-        self.layer, self.size, self.stride, self.offset = layer, t.size(), t.stride(), t.storage_offset()
-
-
-class _Outer:
-    """A tensor packed by the saved-tensor hooks that were active outside ours (activation offload)."""
-    __slots__ = ("packed", "unpack")
-
-    def __init__(self, packed, unpack):
-        self.packed, self.unpack = packed, unpack
-
-
-class _Layer:
-    """One offloaded layer's buffers and its state within a step."""
-
-    def __init__(self, index, module, params, groups):
-        self.index = index  # index => position among the offloaded layers, in forward order
-        self.module = module
-        self.params = params  # params => its trainable parameters, in module.parameters() order
-        self.offsets, off = [], 0  # offsets => each param's start in the layer's flat buffers
-        for p in params:
-            self.offsets.append(off)
-            off += p.numel()
-        self.numel = off
-        # spans => [(start, end, param group index)]: contiguous runs of one optimizer param group
-        self.spans = []
-        for p, o, g in zip(params, self.offsets, groups):
-            if self.spans and self.spans[-1][2] == g and self.spans[-1][1] == o:
-                self.spans[-1] = (self.spans[-1][0], o + p.numel(), g)
-            else:
-                self.spans.append((o, o + p.numel(), g))
-        self.working = self.master = self.grad = self.exp_avg = self.exp_avg_sq = self.staging = None
-        self.bucket_id = None  # bucket_id => its id in the CPU Adam backend
-        self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
-        self.device_copy = None  # device_copy => flat copy on the GPU while in use, None between uses
-        self.fetched = None  # fetched => CUDA event after device_copy's copy from the host
-        self.arrived = set()  # arrived => ids of params whose gradient this backward delivered
-        self.accumulated = False  # accumulated => `grad` holds a gradient of this accumulation window
-        self.grad_future = None  # grad_future => the worker's accumulation of the last gradient copy
-        self.sq = 0.0  # sq => squared L2 norm of the accumulated gradient, taken on the host at the boundary
-        self.gpu_sq = None  # gpu_sq => the same on the device, when the window has a single micro-step
-        self.adding = False  # adding => this backward's gradients go to `staging`, then are added to `grad`
-        self.boundary = False  # boundary => this backward ends the accumulation window
-        self.d2h_event = None  # d2h_event => CUDA event after this window's copies, when no worker task waits on it
-        self.update_keys = []  # update_keys => this layer's chunks in TailSteps.pending after a step
-
-    def views(self, flat):
-        return [flat[o:o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
-
-    def point_params_at(self, flat):
-        for p, v in zip(self.params, self.views(flat)):
-            p.data = v
+from .layer import OffloadedLayer, SavedOuter, SavedWeight
 
 
 class WeightOffload:
@@ -93,7 +36,7 @@ class WeightOffload:
 
     def __init__(self, plan, next_layers, prefetch_depth=1):
         self.plan = plan  # plan => the WeightPlan of the offloaded layers
-        self.layers = [_Layer(i, m, ps, gs) for i, (m, ps, gs) in enumerate(self.plan.layers)]
+        self.layers = [OffloadedLayer(i, m, ps, gs) for i, (m, ps, gs) in enumerate(self.plan.layers)]
         self.next_layers = list(next_layers)  # next_layers => the layers after ours, whose backward prefetches ours
         self.prefetch_depth = prefetch_depth
         self.on_cuda = False
@@ -213,19 +156,19 @@ class WeightOffload:
     def _pack(self, L, t, outer):
         dc = L.device_copy
         if dc is not None and t.device == dc.device and t.untyped_storage().data_ptr() == dc.untyped_storage().data_ptr():
-            return _Weight(L, t)
+            return SavedWeight(L, t)
         if outer is not None:
-            return _Outer(outer[0](t), outer[1])
+            return SavedOuter(outer[0](t), outer[1])
         return t
 
     def _unpack(self, packed):
-        if isinstance(packed, _Weight):
+        if isinstance(packed, SavedWeight):
             L = packed.layer
             self._fetch(L)
             if L.fetched is not None:
                 torch.cuda.current_stream().wait_event(L.fetched)
             return L.device_copy.as_strided(packed.size, packed.stride, packed.offset)
-        if isinstance(packed, _Outer):
+        if isinstance(packed, SavedOuter):
             return packed.unpack(packed.packed)
         return packed
 
