@@ -31,6 +31,13 @@ from ..optimizer.transfers import make_streams
 from .layer import OffloadedLayer, SavedOuter, SavedWeight
 
 
+def _same_storage(t, flat):
+    try:
+        return t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass, a fake tensor): not ours
+        return False
+
+
 class WeightOffload:
     """The first `num_layers` layers' weights in CPU memory between uses; built before DeepSpeed's engine."""
 
@@ -155,7 +162,7 @@ class WeightOffload:
 
     def _pack(self, L, t, outer):
         dc = L.device_copy
-        if dc is not None and t.device == dc.device and t.untyped_storage().data_ptr() == dc.untyped_storage().data_ptr():
+        if dc is not None and t.device == dc.device and t.layout == torch.strided and _same_storage(t, dc):
             return SavedWeight(L, t)
         if outer is not None:
             return SavedOuter(outer[0](t), outer[1])

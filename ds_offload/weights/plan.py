@@ -58,25 +58,25 @@ class WeightPlan:
             raise ConfigError(problems)
         self.numel = sum(p.numel() for _, ps, _ in self.layers for p in ps)
 
+    def _kept(self, i, params):
+        kept = [p for p in params if id(p) not in self.param_ids]
+        if params and not kept:
+            raise ConfigError([(KEY, f"param group {i} holds only parameters of the offloaded layers, and DeepSpeed "
+                                     "cannot build an optimizer group without parameters. Fix: put those parameters "
+                                     "in a group with others, or offload fewer layers.")])
+        return kept
+
     def keep(self, params):
         """`params` (tensors or param-group dicts) without the offloaded ones."""
         params = list(params)
         if params and isinstance(params[0], dict):
-            out = []
-            for i, g in enumerate(params):
-                kept = [p for p in g["params"] if id(p) not in self.param_ids]
-                if not kept:
-                    raise ConfigError([(KEY, f"param group {i} holds only parameters of the offloaded layers, and "
-                                             "DeepSpeed cannot build an optimizer group without parameters. Fix: "
-                                             "put those parameters in a group with others, or offload fewer layers.")])
-                out.append({**g, "params": kept})
-            return out
+            return [{**g, "params": self._kept(i, list(g["params"]))} for i, g in enumerate(params)]
         return [p for p in params if id(p) not in self.param_ids]
 
     def strip_client_optimizer(self, optimizer):
         """Remove the offloaded parameters from a client torch optimizer's groups (and any state of them)."""
         for i, g in enumerate(optimizer.param_groups):
-            g["params"] = self.keep([{"params": g["params"]}])[0]["params"] if g["params"] else g["params"]
+            g["params"] = self._kept(i, list(g["params"]))
         for p in list(optimizer.state):
             if id(p) in self.param_ids:
                 del optimizer.state[p]

@@ -185,3 +185,30 @@ def test_to_and_from_plain_deepspeed_weights_only(tmp_path):
     assert all((p - q).abs().max() < 1e-2 for p, q in zip(before, offloaded(back)))  # one small step from there
     for e in (ours, back):
         e.ds_offload.close()
+
+
+def test_client_optimizer_with_two_param_groups():
+    """A torch AdamW with decay and no-decay groups (as transformers' Trainer builds): the offloaded layers are
+    stepped with their own group's hyperparameters, which differ inside one layer."""
+    def client(model):
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=1e-3)
+
+    def train(block):
+        torch.manual_seed(0)
+        model = GPT(CFG)
+        cfg = config(2, weights=False)
+        del cfg["optimizer"]
+        if block:
+            cfg["cpu_offloading"] = block
+        engine, *_ = ds_offload.initialize(model=model, optimizer=client(model), config=cfg)
+        return run(engine, 10), engine
+
+    plain, _ = train(None)
+    ours, engine = train({"model": {"cpu_offloading": True, "cpu_offloading_num_layers": N,
+                                    "cpu_offloading_activations": False, "cpu_offloading_weights": True}})
+    assert len({g for L in engine.ds_offload.weights.layers for _, _, g in L.spans}) == 2
+    assert max(abs(a - b) for a, b in zip(plain, ours)) < 1e-5
+    engine.ds_offload.close()
