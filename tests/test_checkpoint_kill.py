@@ -121,6 +121,9 @@ def run_child_until_inside_save(tmp_path, cfg, timeout=90):
 @pytest.mark.parametrize("torch_backend", [True, False], ids=["torch-adamw", "deepspeed-cpu-adam"])
 def test_sigkill_during_save_checkpoint_leaves_latest_loadable(dist, tmp_path, torch_backend):
     cfg = config(torch_backend)
+    if not torch_backend:  # build (or find) DeepSpeed's CPU Adam op here, so the child's clock runs only on training
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+        CPUAdamBuilder().load()
     rc, lines = run_child_until_inside_save(tmp_path, cfg)
     log = "\n".join(lines[-40:])
     assert any(l.startswith("INSIDE torch.save") for l in lines), "child never reached the second save:\n" + log
