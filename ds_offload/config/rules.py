@@ -149,6 +149,15 @@ def rules(cfg, model_layers, pipeline_stages, gradient_checkpointing, fine_grain
             warns.append((f"{BLOCK}.optimizer.optimizer_offload_fraction",
                           "optimizer_cpu_offload is true but the fraction is 0.0: everything stays on the GPU. "
                           "Fix: set optimizer_offload_fraction above 0."))
+    if not o.optimizer_cpu_offload:  # the switch is off: say so rather than ignore what was asked for
+        op = f"{BLOCK}.optimizer"
+        if o.optimizer_offload_fraction > 0:
+            warns.append((f"{op}.optimizer_offload_fraction", f"the fraction is {o.optimizer_offload_fraction} but "
+                          "optimizer_cpu_offload is false, so nothing of the optimizer is offloaded. Fix: set "
+                          "optimizer_cpu_offload to true, or remove the fraction."))
+        if o.overlap_cpu_optimizer_d2h_h2d:
+            warns.append((f"{op}.overlap_cpu_optimizer_d2h_h2d", "overlap is on but optimizer_cpu_offload is false, "
+                          "so there is no CPU step to overlap. Fix: set optimizer_cpu_offload to true, or remove it."))
     for key in ds:
         if key not in DEEPSPEED_TOP_LEVEL_KEYS:
             close = difflib.get_close_matches(key, sorted(DEEPSPEED_TOP_LEVEL_KEYS), n=1, cutoff=0.75)

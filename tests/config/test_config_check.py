@@ -207,3 +207,13 @@ def test_readme_config_reference_matches_schema():
             row = next((line for line in readme.splitlines() if line.startswith(f"| `{section}.{key}`")), None)
             assert row is not None, f"README lacks a reference row for {section}.{key}"
             assert f"`{json.dumps(prop['default'])}`" in row, f"README default of {section}.{key} is stale"
+
+
+def test_optimizer_keys_without_the_switch_warn():
+    _, warns = check_config({"cpu_offloading": {"optimizer": {"optimizer_offload_fraction": 0.5,
+                                                              "overlap_cpu_optimizer_d2h_h2d": True}}})
+    paths = dict(warns)
+    assert "optimizer_cpu_offload is false" in paths["cpu_offloading.optimizer.optimizer_offload_fraction"]
+    assert "no CPU step to overlap" in paths["cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d"]
+    assert check_config({"cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True,
+                                                          "optimizer_offload_fraction": 0.5}}})[1] == []
