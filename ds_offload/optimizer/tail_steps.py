@@ -126,8 +126,9 @@ class TailSteps:
                         c.h2d_event.record()
                     c.landed.set()
         finally:
-            for c in self._chunks:
-                c.landed.set()  # a failed run wakes its waiters; they find the error in the future
+            for job in jobs:
+                for c in job[4]:
+                    c.landed.set()  # a failed run wakes its waiters; they find the error in the future
 
     def _step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale):
         """Scale, step and cast a chunk whose weights stay in CPU memory, in cache-sized spans: the three
