@@ -387,8 +387,10 @@ def write_report(data, md_path, png_path):
         L.append(f"DeepSpeed CPU Adam op build (once, shared through TORCH_EXTENSIONS_DIR): "
                  f"{'ok' if b.get('ok') else 'FAILED'} in {b.get('seconds')} s.")
         L.append("")
-    L += ["Weight offloading does not exist yet in ds_offload (a later issue): there is no weights case.", "",
-          f"![step time vs peak GPU memory]({rel})" if not plot_err else f"_{plot_err}_", ""]
+    weights = sorted({r["case"] for r in R.recs if r.get("mode") == "weights" and r.get("status", "ok") == "ok"})
+    L += [("Weight offload cases in this run: " + ", ".join(f"`{c}`" for c in weights) + ".") if weights else
+          "No weight-offload case in this run (they are tier-2 engine-path cases: `--only 'ours_engine_weights_*'`).",
+          "", f"![step time vs peak GPU memory]({rel})" if not plot_err else f"_{plot_err}_", ""]
     L += ["## Limits measured in this run", ""]
     pcie, cpa = R.limit("pcie"), R.limit("cpuadam")
     if pcie:
