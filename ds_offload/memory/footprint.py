@@ -214,7 +214,7 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
 
     gpu, cpu = Memory(params, grads, opt, acts), Memory()
     m, o = config.model, config.optimizer
-    k = 0
+    k = weights_n = 0  # weights_n => parameters moved out of DeepSpeed's optimizer by weight offload
     if m.cpu_offloading:
         k = min(int(m.cpu_offloading_num_layers), max(spec.layers - 1, 0))
         if m.cpu_offloading_activations and k:
@@ -223,16 +223,15 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
         if m.cpu_offloading_weights and k:
             # Out of DeepSpeed's optimizer altogether: weights (but those in use at the peak: the running layer
             # and the prefetched ones), gradients and optimizer state; replicated, not partitioned, on the CPU.
-            wn = k * spec.layer_params
+            weights_n = k * spec.layer_params
             resident = min(k, 1 + int(m.cpu_offloading_prefetch_depth))
             gpu.params -= (k - resident) * spec.layer_params * pb
-            gpu.grads -= wn * gb / (gpus if stage >= 2 else 1)
-            gpu.optimizer -= wn * ob / (gpus if stage >= 1 else 1)
-            cpu.params += wn * (pb if pb != 4 else 0)  # the working copy (fp32 models: the master is it)
-            cpu.optimizer += wn * 16  # fp32 master, gradient accumulator, two moments
+            gpu.grads -= weights_n * gb / (gpus if stage >= 2 else 1)
+            gpu.optimizer -= weights_n * ob / (gpus if stage >= 1 else 1)
+            cpu.params += weights_n * (pb if pb != 4 else 0)  # the working copy (fp32 models: the master is it)
+            cpu.optimizer += weights_n * 16  # fp32 master, gradient accumulator, two moments
     if o.optimizer_cpu_offload:
         f = float(o.optimizer_offload_fraction)
-        weights_n = k * spec.layer_params if m.cpu_offloading and m.cpu_offloading_weights else 0
         share = (n - weights_n) / (gpus if stage >= 1 else 1)
         if loop == "deepspeed" and mixed and stage in (1, 2) and not bf16_optimizer_runs(stage, precision == "bf16", ds):
             gpu.optimizer -= f * share * 12         # ZeRO-1/2: the cut partition's masters and moments

@@ -231,9 +231,12 @@ def allocate_device_piece(pc):
 
 
 def unregister_host_buffers(buckets):
+    """Undo `host_buffer`'s cudaHostRegister of the buckets' (anything with `.master`, `.grad`) shared buffers."""
+    if not torch.cuda.is_available():
+        return
     for b in buckets:
         for t in (b.master, b.grad):
-            if t is not None and t.is_shared() and torch.cuda.is_available():
+            if t is not None and t.is_shared() and t.is_pinned():  # page-locked in place by host_buffer
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 

@@ -168,10 +168,6 @@ class TailSteps:
                 if c.h2d_event is not None:
                     c.h2d_event.synchronize()
 
-    @property
-    def in_flight(self):
-        return bool(self._chunks)
-
     def close(self):
         try:
             self.land()

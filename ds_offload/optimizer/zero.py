@@ -26,7 +26,7 @@ from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
 from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
-from .layout import host_buffer
+from .layout import host_buffer, unregister_host_buffers
 from .tail_steps import TailSteps, chunk_spans
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -70,12 +70,13 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                           "rank the all-gather after step() needs each rank's whole partition, so step() waits for "
                           "the CPU share (its copies still pipeline by chunk); the overlap with the next forward "
                           "applies to one rank only.", stacklevel=2)
-        deferred = o.overlap_cpu_optimizer_d2h_h2d and one_rank
         sizes = [fp32.numel() for fp32 in self.single_partition_of_fp32_groups]
         fraction = o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0  # weights alone: no cut
         cuts = [int(round(fraction * n)) for n in sizes]
         w = self.weights
-        mode = pick_worker_mode(None, cuda, deferred and any(cuts), o.use_torch_optimizer_for_cpu_offload)
+        # Deferred only where it pays: a tail, the last layers' share, whose step the next forward reaches last.
+        deferred = o.overlap_cpu_optimizer_d2h_h2d and one_rank and any(cuts)
+        mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
         mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
@@ -95,13 +96,12 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.tails.append(tail)
         self._unlink_hp_params()
         busy = any(self.tails) or w is not None
-        if deferred and not any(self.tails) and w is not None and dist.get_rank() == 0:
+        if o.overlap_cpu_optimizer_d2h_h2d and not any(cuts) and w is not None and dist.get_rank() == 0:
             warnings.warn("cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d: the offloaded layers are the first "
                           "the next forward needs, so their CPU step cannot hide behind it, and without "
                           "optimizer_cpu_offload there is nothing else to overlap: step() lands everything. Fix: "
                           "leave the key out, or also offload a fraction of the optimizer.", stacklevel=2)
-        # Deferred only where it pays: a tail, the last layers' share, whose step the next forward reaches last.
-        self.tail_steps = TailSteps(self.backend, deferred and any(self.tails), cuda)
+        self.tail_steps = TailSteps(self.backend, deferred, cuda)
         self._hook_handles = []  # _hook_handles => forward and state_dict pre-hooks from attach()
         if w is not None:
             w.allocate(shared, o.pin_cpu_params, self.dp_process_group)
@@ -369,11 +369,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.tail_steps.close()
         finally:
             self.backend.close()
-            for tail in self.tails:
-                if tail is not None and torch.cuda.is_available():
-                    for t in (tail.master, tail.grad):
-                        if t.is_shared() and t.is_pinned():  # page-locked by host_buffer
-                            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+            layers = self.weights.layers if self.weights is not None else []
+            unregister_host_buffers([t for t in self.tails if t is not None] + layers)
 
 
 def zero_optimizer_class(settings, weights=None):

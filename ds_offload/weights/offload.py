@@ -92,8 +92,8 @@ class WeightOffload:
             self._hooks.append(L.module.register_forward_pre_hook(self._pre_forward(L)))
             self._hooks.append(L.module.register_forward_hook(self._post_forward(L), prepend=True, always_call=True))
             self._hooks.append(L.module.register_state_dict_pre_hook(lambda *_: self.tail_steps.land()))
-            for p in L.params:
-                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, L=L: self._on_grad(L, p)))
+            for i, p in enumerate(L.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, L=L, i=i: self._on_grad(L, p, i)))
         for j, module in enumerate(self.next_layers):
             self._hooks.append(module.register_forward_hook(self._after_next_layer(len(self.layers) + j)))
 
@@ -192,7 +192,7 @@ class WeightOffload:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
-    def _on_grad(self, L, p):
+    def _on_grad(self, L, p, i):
         """A parameter's gradient is complete: reduce it, send it to the host as fp32 and free it on the GPU.
 
         Per parameter rather than per layer, so at most one parameter's fp32 copy exists on the GPU at a time."""
@@ -206,7 +206,6 @@ class WeightOffload:
         if self.group is not None and tdist.get_world_size(self.group) > 1:
             tdist.all_reduce(g, group=self.group)
             g.div_(tdist.get_world_size(self.group))
-        i = next(k for k, q in enumerate(L.params) if q is p)
         o, n = L.offsets[i], p.numel()
         dest = (L.staging if L.adding else L.grad)[o:o + n]
         if g.is_cuda:

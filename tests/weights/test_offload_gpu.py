@@ -115,10 +115,10 @@ def test_races(dist, monkeypatch, delay):
     else:  # compute stream late when a gradient is complete: its cast and copy to the host must wait for it
         on_grad = W.WeightOffload._on_grad
 
-        def late(self, L, p):
+        def late(self, L, p, i):
             torch.cuda._sleep(SLEEP // 10)
             p.grad = p.grad * 1.0  # the gradient now lives in memory written only after the sleep
-            return on_grad(self, L, p)
+            return on_grad(self, L, p, i)
         monkeypatch.setattr(W.WeightOffload, "_on_grad", late)
     delayed, engine = train(config())
     assert delayed == reference
