@@ -29,6 +29,7 @@ class Case:
     mode: str = ""                 # act | opt | combined | act_peer | opt_peer (for bounds and targets)
     label: str = ""
     tier: int = 1                  # 1: run first (all shapes), 2: variants and diagnostics, run after tier 1
+    members: list = None           # a case group: these cases run one after another in one process
 
     @property
     def key(self):
@@ -166,17 +167,30 @@ def _shape_cases(shape):
 
 
 def select(cases, quick=False, only=None, skip=None, tiers=None):
+    """The cases kept by the filters; of a case group, the members the globs keep (a glob that names the group
+    keeps all of them), and the group only if any is left."""
+    import dataclasses
     import fnmatch
+
+    def match(c, pats, extra=()):
+        tags = {c.name, c.key, c.group, c.mode, c.shape, *extra}
+        return any(fnmatch.fnmatch(t, pat) for pat in pats for t in tags if t)
     out = []
     for c in cases:
         if quick and not c.quick:
             continue
         if tiers and c.tier not in tiers:
             continue
-        tags = {c.name, c.key, c.group, c.mode, c.shape}
-        if only and not any(fnmatch.fnmatch(t, pat) for pat in only for t in tags if t):
+        if c.members is not None:
+            whole = {c.name, c.key}
+            ms = [m for m in c.members
+                  if (not only or match(m, only, whole)) and not (skip and match(m, skip, whole))]
+            if ms:
+                out.append(dataclasses.replace(c, members=ms, est_s=8 + sum(m.est_s for m in ms)))
             continue
-        if skip and any(fnmatch.fnmatch(t, pat) for pat in skip for t in tags if t):
+        if only and not match(c, only):
+            continue
+        if skip and match(c, skip):
             continue
         out.append(c)
     return out

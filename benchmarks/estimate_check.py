@@ -38,6 +38,13 @@ def _inputs(shape, case, params):
         return "bf16", OffloadConfig(optimizer=opt), "torch"
     if case == "ours_combined":
         return "bf16", OffloadConfig(model=on, optimizer=opt), "torch"
+    if case.startswith("eng_z") and "stage" in params and ("block" in params or case.endswith(("_plain", "_plain_again"))):
+        import harness as H   # an engine-path case: the very config it ran
+        cfg = H.engine_config(shape, {"stage": params["stage"]}, gradient_clipping=1.0,
+                              cpu_offloading=params.get("block") or {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return None, load_config(cfg), "deepspeed"
     if case == "ours_combined_engine":   # the very config the case ran; its precision follows from it
         import cases
         with warnings.catch_warnings():
@@ -53,7 +60,8 @@ def rows(data):
     out = []
     for r in data.get("results", []):
         res = r.get("result") or {}
-        if r.get("status") != "ok" or "peak_alloc_gib" not in res or r["shape"] not in H.shapes():
+        if (r.get("status") != "ok" or "peak_alloc_gib" not in res or r["shape"] not in H.shapes()
+                or "cfg" not in H.shapes()[r["shape"]] or r.get("group") not in ("ours", "baseline")):
             continue
         inp = _inputs(r["shape"], r["case"], r.get("params") or {})
         if inp is None:

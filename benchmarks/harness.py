@@ -16,6 +16,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Optimizer hyper-parameters used by every case (ours and peers), so final losses compare.
 LR, WD, BETAS, EPS = 1e-4, 0.01, (0.9, 0.999), 1e-8
 TIMES = {}   # set-up times of the case, reported with its result
+# MEMBER => state of the case running now when several cases share one process (run.py's case groups):
+#   "leftover" => bytes the caching allocator still had allocated when the case began (subtracted from its peak),
+#   "rss0" => the process's RSS when the case began (its host memory is reported as growth from there)
+MEMBER = {}
+
+
+class Skip(Exception):
+    """A case that cannot run here (a peer's feature missing in the installed version): recorded as skipped."""
+
+
+def begin_member():
+    """Start a case inside a shared process: free what the previous case left, reset the peaks."""
+    import gc
+    gc.collect()
+    TIMES.clear()
+    MEMBER.clear()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        try:
+            torch._C._host_emptyCache()   # the caching host allocator's free pinned blocks
+        except Exception:
+            pass
+        torch.cuda.reset_peak_memory_stats()
+        MEMBER["leftover"] = torch.cuda.memory_allocated()
+    MEMBER["rss0"] = proc_status().get("VmRSS", 0)
 
 
 def shapes():
@@ -25,7 +51,38 @@ def shapes():
         "reference": dict(cfg=GPT_SHAPES["reference-gpt"], mb=8, act_n=(2, 4, 8, 15)),
         "wide": dict(cfg=GPT_SHAPES["wide-gpt"], mb=2, act_n=(2, 4, 7)),
         "tiny": dict(cfg=GPT_SHAPES["tiny-gpt"], mb=2, act_n=(1, 2, 3)),
+        # a transformers Llama built from a config (852M: GQA, SwiGLU, RMSNorm, RoPE, untied head)
+        "llama": dict(hf=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                              num_attention_heads=16, num_key_value_heads=4), seq=2048, mb=4, act_n=(4, 8, 15)),
+        "llama-tiny": dict(hf=dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2), seq=32, mb=2, act_n=(1, 2)),
     }
+
+
+def is_hf(shape):
+    return "hf" in shapes()[shape]
+
+
+def seq_len(shape):
+    s = shapes()[shape]
+    return s["seq"] if "hf" in s else s["cfg"].seq_len
+
+
+def num_layers(shape):
+    s = shapes()[shape]
+    return s["hf"]["num_hidden_layers"] if "hf" in s else s["cfg"].num_layers
+
+
+def layers_of(model):
+    """The transformer layers (the list the offload acts on)."""
+    return model.model.layers if hasattr(model, "model") else model.blocks
+
+
+def loss_of(model, shape, idx, tgt):
+    """The training loss of one micro-batch, for our GPT (model(idx, targets)) or a transformers causal LM."""
+    if is_hf(shape):
+        return model(input_ids=idx, labels=tgt).loss   # transformers shifts the labels itself
+    return model(idx, tgt)
 
 
 def device():
@@ -34,14 +91,21 @@ def device():
 
 def build_model(shape, dtype=torch.float32):
     """The same initial weights in every case of a shape: seed 0, built directly on the device."""
-    from ds_offload.models import GPT
-    cfg = shapes()[shape]["cfg"]
     t0 = time.perf_counter()
     torch.manual_seed(0)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(0)
-    with torch.device(device()):
-        m = GPT(cfg)
+    s = shapes()[shape]
+    if "hf" in s:
+        import transformers
+        cfg = transformers.LlamaConfig(max_position_embeddings=s["seq"], tie_word_embeddings=False, use_cache=False,
+                                       attn_implementation="sdpa", **s["hf"])
+        with torch.device(device()):
+            m = transformers.LlamaForCausalLM(cfg)
+    else:
+        from ds_offload.models import GPT
+        with torch.device(device()):
+            m = GPT(s["cfg"])
     if dtype != torch.float32:
         m = m.to(dtype)
     _sync()
@@ -50,14 +114,17 @@ def build_model(shape, dtype=torch.float32):
 
 
 def batch(shape):
-    from ds_offload.models import synthetic_batch
     s = shapes()[shape]
+    if "hf" in s:
+        g = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, s["hf"]["vocab_size"], (s["mb"], s["seq"]), generator=g).to(device())
+        return ids, ids
+    from ds_offload.models import synthetic_batch
     return synthetic_batch(s["cfg"], s["mb"], step=0, device=device())
 
 
 def tokens_per_step(shape):
-    s = shapes()[shape]
-    return s["mb"] * s["cfg"].seq_len
+    return shapes()[shape]["mb"] * seq_len(shape)
 
 
 def autocast():
@@ -139,11 +206,17 @@ def measure(step, shape, warm, steps, extra=None):
     )
     res["loss"] = res["losses"][-1]
     if cuda:
-        res["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        left = MEMBER.get("leftover", 0)
+        res["peak_alloc_gib"] = round((torch.cuda.max_memory_allocated() - left) / 2**30, 3)
         res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        if MEMBER:
+            res["leftover_gib"] = round(left / 2**30, 3)
     ps = proc_status()
     res["cpu_rss_gib"] = round(ps.get("VmRSS", 0) / 2**30, 3)
     res["cpu_rss_peak_gib"] = round(ps.get("VmHWM", 0) / 2**30, 3)
+    if MEMBER:   # a shared process: the peak is the process's, the growth is this case's
+        res["cpu_rss_growth_gib"] = round((ps.get("VmRSS", 0) - MEMBER.get("rss0", 0)) / 2**30, 3)
+    res["locked_gib"] = round(max(ps.get("VmLck", 0), ps.get("VmPin", 0)) / 2**30, 3)
     pin = pinned_stats()
     if pin:
         cur = pin.get("allocated_bytes.current", pin.get("reserved_bytes.current"))
@@ -178,9 +251,14 @@ def engine_config(shape, zero, **config):
             "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9, **config}
 
 
-def deepspeed_engine_case(init, shape, warm, steps, zero, extra=None, **config):
-    """Build a bf16 DeepSpeed engine with `init` (deepspeed.initialize or ds_offload.initialize) and time it."""
+def deepspeed_engine_case(init, shape, warm, steps, zero, extra=None, prepare=None, layer_bytes=False, **config):
+    """Build a bf16 DeepSpeed engine with `init` (deepspeed.initialize or ds_offload.initialize), time it, then
+    close it (ds_offload's teardown and DeepSpeed's destroy), so that the next case of a shared process starts
+    from an empty GPU. `prepare(model)` runs on the model before the engine is built (a peer's wrapping);
+    `layer_bytes` also measures the bytes each layer saves for backward (the activation bound's input)."""
     m = build_model(shape)
+    if prepare is not None:
+        prepare(m)
     cfg = engine_config(shape, zero, **config)
     t0 = time.perf_counter()
     eng, _, _, _ = init(model=m, model_parameters=m.parameters(), config=cfg)
@@ -188,11 +266,66 @@ def deepspeed_engine_case(init, shape, warm, steps, zero, extra=None, **config):
     idx, tgt = batch(shape)
 
     def step():
-        loss = eng(idx, tgt)
+        loss = loss_of(eng, shape, idx, tgt)
         eng.backward(loss)
         eng.step()
         return loss.detach()
-    return measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), **(extra or {})))
+    try:
+        res = measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), **(extra or {})))
+        res.update(offload_facts(eng))
+        if layer_bytes:
+            res["saved_bytes_per_layer"] = saved_bytes_per_layer(eng, shape, idx, tgt)
+        return res
+    finally:
+        st = getattr(eng, "ds_offload", None)
+        if st is not None:
+            st.close()
+        eng.destroy()
+
+
+def offload_facts(eng):
+    """What ds_offload moved off the GPU in this engine (the bounds' inputs), from its own objects."""
+    st = getattr(eng, "ds_offload", None)
+    if st is None:
+        return {}
+    out = {"summary": st.summary()}
+    if st.weights is not None:
+        out["weights_offloaded_params"] = st.weights.numel
+    if st.optimizer is not None and hasattr(st.optimizer, "split_info"):
+        out["optimizer_cpu_numel"] = st.optimizer.split_info()["cpu_numel"]
+    if st.activation_offload is not None:
+        a = st.activation_offload.stats()
+        out["activation_bytes_offloaded"] = a.get("bytes_offloaded_last_step")
+    return out
+
+
+def saved_bytes_per_layer(eng, shape, idx, tgt):
+    """Bytes each transformer layer saves for backward (storages, counted once, parameters left out), from one
+    forward whose graph is dropped unused (no backward: nothing reaches the gradients)."""
+    layers = list(layers_of(eng.module))
+    params = {p.untyped_storage().data_ptr() for p in eng.module.parameters()}
+    counts, seen, cur = [0] * len(layers), set(), [None]
+    hooks = [L.register_forward_pre_hook(lambda m, a, i=i: cur.__setitem__(0, i)) for i, L in enumerate(layers)]
+    hooks += [L.register_forward_hook(lambda m, a, o: cur.__setitem__(0, None)) for L in layers]
+
+    def pack(t):
+        if cur[0] is not None and not isinstance(t, torch.nn.Parameter):
+            try:
+                key = t.untyped_storage().data_ptr()
+                if key not in params and key not in seen:
+                    seen.add(key)
+                    counts[cur[0]] += t.untyped_storage().nbytes()
+            except RuntimeError:   # a tensor without storage
+                pass
+        return t
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_of(eng.module, shape, idx, tgt)
+        del loss
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
 
 
 def init_dist_env(port=None):

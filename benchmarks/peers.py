@@ -78,3 +78,77 @@ def deepspeed_zero(shape, warm, steps, stage, ratio=None, sub_group_size=None):
         zero["sub_group_size"] = int(sub_group_size)
     return H.deepspeed_engine_case(deepspeed.initialize, shape, warm, steps, zero, wall_clock_breakdown=False,
                                    extra=dict(zero=zero, deepspeed=deepspeed.__version__))
+
+
+# ---------------------------------------------------------------------------------------------- engine-path peers
+# Each runs plain DeepSpeed (bf16, the stage given, clipping 1.0) with the peer's own mechanism, so that it
+# compares with ds_offload.initialize of the same config.
+
+
+def _engine_peer(shape, warm, steps, stage, zero=None, prepare=None, **extra):
+    import deepspeed
+    H.init_dist_env()
+    z = {"stage": stage, **(zero or {})}
+    return H.deepspeed_engine_case(deepspeed.initialize, shape, warm, steps, z, prepare=prepare,
+                                   gradient_clipping=1.0, extra=dict(stage=stage, zero=z, **extra))
+
+
+def engine_save_on_cpu(shape, warm, steps, stage, n):
+    """torch.autograd.graph.save_on_cpu(pin_memory=True) around the first n layers' forward."""
+    def prepare(m):
+        for blk in list(H.layers_of(m))[:n]:
+            orig = blk.forward
+
+            def fwd(*a, _orig=orig, **k):
+                with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                    return _orig(*a, **k)
+            blk.forward = fwd
+    return _engine_peer(shape, warm, steps, stage, prepare=prepare, n=n)
+
+
+def ds_cpu_checkpointing(shape, warm, steps, stage):
+    """DeepSpeed's activation checkpointing with checkpoint_in_cpu (`activation_checkpointing.cpu_checkpointing`):
+    every layer recomputed in backward, its input kept in CPU memory."""
+    import deepspeed
+
+    def prepare(m):
+        deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=True)
+        for blk in H.layers_of(m):
+            orig = blk.forward
+            blk.forward = lambda *a, _orig=orig: deepspeed.checkpointing.checkpoint(_orig, *a)
+    return _engine_peer(shape, warm, steps, stage, prepare=prepare, activation_checkpointing="cpu_checkpointing")
+
+
+def hf_checkpoint_offload(shape, warm, steps, stage):
+    """transformers' activation checkpointing with `offload=True` (save_on_cpu around each layer's checkpoint)."""
+    import inspect
+    import transformers
+
+    def prepare(m):
+        fn = getattr(m, "activation_checkpointing_enable", None)
+        if fn is None or "offload" not in inspect.signature(fn).parameters:
+            raise H.Skip(f"transformers {transformers.__version__} has no activation checkpointing offload "
+                         "(activation_checkpointing_enable(offload=True))")
+        fn(offload=True)
+    return _engine_peer(shape, warm, steps, stage, prepare=prepare, transformers=transformers.__version__)
+
+
+def ds_offload_optimizer(shape, warm, steps, stage):
+    """DeepSpeed's own ZeRO-1/2 optimizer offload: every optimizer state on the CPU, stepped by its CPU Adam."""
+    import deepspeed
+    return _engine_peer(shape, warm, steps, stage, zero={"offload_optimizer": {"device": "cpu", "pin_memory": True}},
+                        deepspeed=deepspeed.__version__)
+
+
+ZENFLOW = {"topk_ratio": 0.1, "select_strategy": "step", "select_interval": 10, "update_interval": 4,
+           "overlap_step": True, "full_warm_up_rounds": 0}
+
+
+def ds_zenflow(shape, warm, steps, stage):
+    """DeepSpeed ZenFlow on top of ZeRO-2 optimizer offload: the top-k gradient columns are stepped on the GPU
+    every step, the rest accumulate and are stepped on the CPU every `update_interval` steps (stale updates:
+    not the same training as Adam)."""
+    import deepspeed
+    return _engine_peer(shape, warm, steps, stage,
+                        zero={"offload_optimizer": {"device": "cpu", "pin_memory": True}, "zenflow": dict(ZENFLOW)},
+                        deepspeed=deepspeed.__version__, stale_updates=True)

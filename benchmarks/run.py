@@ -1,13 +1,16 @@
-"""GPU benchmark of ds_offload against its peers, every case in its own process, results as JSON, and
-BENCHMARKS.md + a plot generated from them.
+"""GPU benchmark of ds_offload against its peers, results as JSON, and BENCHMARKS.md + a plot generated from them.
 
-    python benchmarks/run.py --out DIR            # full run (both shapes, budget 525 s on one H100/H200)
-    python benchmarks/run.py --quick --out DIR    # subset on the reference shape, ~2 min
-    python benchmarks/run.py --tiny --out DIR     # CPU smoke test on a tiny GPT (CUDA-only peers skipped)
+    python benchmarks/run.py --out DIR            # the engine path (default suite): tier 1 of the matrix, ~20 min;
+                                                  # split it over device calls with --shapes / --only
+    python benchmarks/run.py --suite loop --out DIR   # the plain-loop cases, one process each (budget 525 s)
+    python benchmarks/run.py --quick --out DIR    # plain-loop subset on the reference shape, ~2 min
+    python benchmarks/run.py --tiny --out DIR     # CPU smoke test on tiny shapes (CUDA-only cases skipped)
     python benchmarks/run.py --list [--quick]     # what would run, with time estimates and tiers
     python benchmarks/run.py --report-only [--merge A/results.json B/results.json] [--out DIR]
                                                   # regenerate BENCHMARKS.md and the plot (merging runs)
 
+The engine suite (engine_cases.py) runs one process per (shape, ZeRO stage): a case group whose members run one
+after another, each building and closing its own engine; each member's record comes back as it ends.
 Cases run in priority tiers (1: the targets' cases, baselines, limits and the main peers; 2: variants, ZeRO-3,
 the engine path; 3: extra diagnostics); a case whose estimate no longer fits the run's --budget is recorded as
 skipped, so the full run ends on time. `--tiers 2,3` runs the rest in a second call; merge the two results.json.
@@ -21,6 +24,7 @@ report is also written to the repository's BENCHMARKS.md. Without a usable .git,
 BENCH_GIT_DIRTY=1 for a tree with changes) so the report names the commit.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -39,10 +43,33 @@ for p in (HERE, REPO):
         sys.path.insert(0, p)
 
 DEFAULT_OUT = os.path.join(HERE, "results")
-BUDGETS = {"full": 525, "quick": 130, "tiny": 400}
+BUDGETS = {"full": 525, "quick": 130, "tiny": 400, "engine": 1200, "engine-tiny": 900}
 
 
 # ---------------------------------------------------------------------------------------------- worker
+
+
+def run_members(spec):
+    """A case group: its members one after another in this process, one MEMBER line each as it ends (so a
+    crash or a timeout later in the group loses only what had not finished)."""
+    import importlib
+    import traceback
+    import harness as H
+    for m in spec["members"]:
+        H.begin_member()
+        t0 = time.perf_counter()
+        try:
+            mod, fn = m["fn"].split(":")
+            res = getattr(importlib.import_module(mod), fn)(spec["shape"], spec["warm"], spec["steps"], **m["params"])
+            out = {"status": "ok", "result": res}
+        except H.Skip as e:
+            out = {"status": "skipped", "error": str(e)[:600]}
+        except Exception as e:
+            out = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:600]}",
+                   "traceback": traceback.format_exc()[-2500:]}
+        out["worker_s"] = round(time.perf_counter() - t0, 2)
+        print("MEMBER " + json.dumps(dict(out, name=m["name"])), flush=True)
+    return {"members": len(spec["members"])}
 
 
 def worker(spec):
@@ -60,9 +87,12 @@ def worker(spec):
     except Exception:
         pass
     try:
-        mod, fn = spec["fn"].split(":")
-        f = getattr(importlib.import_module(mod), fn)
-        res = f(spec["shape"], spec["warm"], spec["steps"], **spec.get("params", {}))
+        if spec.get("members"):
+            res = run_members(spec)
+        else:
+            mod, fn = spec["fn"].split(":")
+            f = getattr(importlib.import_module(mod), fn)
+            res = f(spec["shape"], spec["warm"], spec["steps"], **spec.get("params", {}))
         out = {"status": "ok", "result": res}
     except Exception as e:
         out = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:600]}",
@@ -144,6 +174,7 @@ def environment():
         "commit": commit, "dirty": bool(dirty), "python": platform.python_version(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": ver("deepspeed"),
         "megatron_core": ver("megatron-core") or ver("megatron_core"), "torchao": ver("torchao"),
+        "transformers": ver("transformers"),
         "gpu": sh(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]) or None,
         "cpu": cpu, "cpu_cores": os.cpu_count(), "host_memory": mem, "host": platform.node(),
     }
@@ -188,8 +219,39 @@ def _tail(s, n):
     return s[-n:] if s else ""
 
 
+def _base(case):
+    return dict(case=case.name, shape=case.shape, group=case.group, mode=case.mode, label=case.label,
+                params=case.params, loss_ref=case.loss_ref, wall_s=0)
+
+
+def run_group(case, args, port, timeout):
+    """Records of a case group's members, from the MEMBER lines of its one process."""
+    rec = run_case(case, args, port, timeout)
+    got = {}
+    for line in rec.pop("stdout_lines", []):
+        if line.startswith("MEMBER "):
+            m = json.loads(line[len("MEMBER "):])
+            got[m.pop("name")] = m
+    out = []
+    for m in case.members:
+        r = dict(_base(m), process=case.name, wall_s=None)
+        if m.name in got:
+            r.update(got[m.name])
+            r["wall_s"] = r.get("worker_s")
+            if r["status"] == "error":
+                r["log_tail"] = rec.get("log_tail", "")[-1500:]
+        else:
+            r.update(status="error" if rec["status"] != "timeout" else "timeout",
+                     error=f"the group's process ended before this case ({rec['status']}: {rec.get('error', '')})"[:400],
+                     log_tail=rec.get("log_tail", "")[-1500:])
+        out.append(r)
+    return out
+
+
 def run_case(case, args, port, timeout):
     spec = dict(fn=case.fn, shape=case.shape, warm=args.warm, steps=args.steps, params=case.params)
+    if case.members:
+        spec["members"] = [dict(name=m.name, fn=m.fn, params=m.params) for m in case.members]
     env = os.environ.copy()
     env["BENCH_PORT"] = str(port)
     env["MASTER_PORT"] = str(port)
@@ -203,11 +265,27 @@ def run_case(case, args, port, timeout):
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                              stdout=fo, stderr=fe, text=True, env=env, cwd=REPO, start_new_session=True)
-        try:
-            p.wait(timeout=timeout)
-            status = None
-        except subprocess.TimeoutExpired:
-            status = "timeout"
+        status, pending, deadline = None, "", time.perf_counter() + timeout
+        # progress of a group, read through a descriptor of its own (the child shares fo's file offset)
+        peek = open(f"/proc/self/fd/{fo.fileno()}") if case.members and os.path.exists("/proc/self/fd") else None
+        while p.poll() is None:          # a group reports each member as it ends
+            if time.perf_counter() > deadline:
+                status = "timeout"
+                break
+            time.sleep(1.0)
+            if peek is not None:
+                pending += peek.read()
+                done = pending.rfind("\n") + 1
+                lines, pending = pending[:done].splitlines(), pending[done:]
+                for line in lines:
+                    if line.startswith("MEMBER "):
+                        m = json.loads(line[len("MEMBER "):])
+                        r = m.get("result") or {}
+                        print(f"[bench]   {case.shape}/{m['name']:28s} {m['status']:7s} {m.get('worker_s', 0):5.1f}s  "
+                              + (f"step {r.get('step_s')} s, peak {r.get('peak_alloc_gib')} GiB, loss {r.get('loss')}"
+                                 if "step_s" in r else (m.get("error") or "")[:200]), flush=True)
+        if peek is not None:
+            peek.close()
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -226,8 +304,10 @@ def run_case(case, args, port, timeout):
         rec.update(status="error", error=f"worker exited with code {p.returncode} and no result")
     else:
         rec.update(json.loads(line[len("RESULT "):]))
-    if rec["status"] != "ok":
+    if rec["status"] != "ok" or case.members:
         rec["log_tail"] = _tail(err, 2500) + ("\n[stdout] " + _tail(out, 800) if out else "")
+    if case.members:
+        rec["stdout_lines"] = out.splitlines()
     return rec
 
 
@@ -262,7 +342,10 @@ def merge_results(paths):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="a subset of the cases (~2 min)")
+    ap.add_argument("--suite", choices=("engine", "loop"), default="engine",
+                    help="engine (default): every mode through ds_offload.initialize beside plain DeepSpeed and the "
+                    "peers, one process per (shape, ZeRO stage); loop: the plain-loop cases, one process each")
+    ap.add_argument("--quick", action="store_true", help="a subset of the plain-loop cases (~2 min)")
     ap.add_argument("--tiny", action="store_true", help="tiny GPT shape; runs on CPU (smoke test)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="results folder (e.g. $OUT)")
     ap.add_argument("--md", default=None, help="where BENCHMARKS.md goes (default: OUT/BENCHMARKS.md, and the "
@@ -304,20 +387,34 @@ def main(argv=None):
 
     import torch
     cuda = torch.cuda.is_available()
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    shapes = args.shapes.split(",") if args.shapes else (["tiny"] if args.tiny else
-                                                           ["reference"] if args.quick else ["reference", "wide"])
+    engine = args.suite == "engine" and not args.quick
+    mode = ("engine-tiny" if args.tiny else "engine") if engine else "tiny" if args.tiny else "quick" if args.quick else "full"
+    if args.shapes:
+        shapes = args.shapes.split(",")
+    elif engine:
+        shapes = ["tiny", "llama-tiny"] if args.tiny else ["reference", "llama", "wide"]
+    else:
+        shapes = ["tiny"] if args.tiny else ["reference"] if args.quick else ["reference", "wide"]
     args.warm = 2 if args.warm is None else args.warm
     args.steps = 5 if args.steps is None else args.steps
     budget = args.budget or BUDGETS[mode]
-    sel = C.select(C.registry(shapes), quick=args.quick,
+    if engine:
+        import engine_cases as E
+        limits = [c for c in C.registry(shapes[:1]) if c.group == "limits" and c.name in ("pcie", "cpuadam")]
+        everything = limits + E.registry(shapes)
+    else:
+        everything = C.registry(shapes)
+    sel = C.select(everything, quick=args.quick,
                    only=args.only.split(",") if args.only else None,
                    skip=args.skip.split(",") if args.skip else None,
                    tiers={int(t) for t in args.tiers.split(",")} if args.tiers else None)
     if args.list:
         for c in sel:
             print(f"{c.key:32s} {c.group:8s} est {c.est_s:3d}s timeout {c.budget_s:3d}s  {c.label}")
-        print(f"{len(sel)} cases, estimated {sum(c.est_s for c in sel)} s (budget {budget:.0f} s)")
+            for m in c.members or ():
+                print(f"    {m.name:28s} {m.group:8s} est {m.est_s:3d}s  {m.label}")
+        print(f"{len(sel)} processes, {sum(len(c.members or [c]) for c in sel)} cases, estimated "
+              f"{sum(c.est_s for c in sel)} s (budget {budget:.0f} s)")
         return 0
 
     os.makedirs(out, exist_ok=True)
@@ -361,30 +458,44 @@ def main(argv=None):
                 build.result = dict(ok=False, seconds=None, tail="killed: no time left in the budget")
             case = deferred.pop(0)
         elapsed = time.perf_counter() - t_start
-        base = dict(case=case.name, shape=case.shape, group=case.group, mode=case.mode, label=case.label,
-                    params=case.params, loss_ref=case.loss_ref, wall_s=0)
+
+        def skip(why):
+            for m in case.members or [case]:
+                save(dict(_base(m), status="skipped", error=why, **({"process": case.name} if case.members else {})))
+
         if case.cuda_only and not cuda:
-            save(dict(base, status="skipped", error="needs CUDA (no GPU on this machine)"))
+            skip("needs CUDA (no GPU on this machine)")
             continue
         if case.needs_ds_build and build and build.result and not build.result["ok"] and case.fn != "cases:cpuadam":
-            save(dict(base, status="skipped", error="DeepSpeed CPU Adam build failed (see build.log)"))
+            skip("DeepSpeed CPU Adam build failed (see build.log)")
             continue
         if elapsed + case.est_s > budget:
-            save(dict(base, status="skipped", error=f"over the run's budget ({budget:.0f} s) at {elapsed:.0f} s"))
+            skip(f"over the run's budget ({budget:.0f} s) at {elapsed:.0f} s")
             print(f"[bench] {case.key}: skipped (budget)", flush=True)
             continue
         n_done += 1
         port += 1
         # a case may not run far past the run's budget either (a hang near the end must not sink the run)
         timeout = int(min(case.budget_s * args.timeout_scale, max(30.0, budget - elapsed + 45)))
-        rec = run_case(case, args, port, timeout=timeout)
-        save(rec)
-        r = rec.get("result", {})
-        msg = (f"step {r.get('step_s')} s, peak {r.get('peak_alloc_gib')} GiB, loss {r.get('loss')}"
-               if rec["status"] == "ok" and "step_s" in r else
-               json.dumps({k: v for k, v in r.items() if k not in ("traceback",)})[:300] if rec["status"] == "ok"
-               else rec.get("error"))
-        print(f"[bench] {elapsed:6.1f}s {case.key:30s} {rec['status']:7s} {rec['wall_s']:5.1f}s  {msg}", flush=True)
+        if case.members:
+            runnable = [m for m in case.members if cuda or not m.cuda_only]
+            for m in case.members:
+                if m not in runnable:
+                    save(dict(_base(m), status="skipped", error="needs CUDA (no GPU on this machine)", process=case.name))
+            case = dataclasses.replace(case, members=runnable)
+            print(f"[bench] {elapsed:6.1f}s {case.key}: {len(case.members)} cases in one process", flush=True)
+            recs = run_group(case, args, port, timeout=timeout)
+        else:
+            recs = [run_case(case, args, port, timeout=timeout)]
+        for rec in recs:
+            save(rec)
+            r = rec.get("result", {})
+            msg = (f"step {r.get('step_s')} s, peak {r.get('peak_alloc_gib')} GiB, loss {r.get('loss')}"
+                   if rec["status"] == "ok" and "step_s" in r else
+                   json.dumps({k: v for k, v in r.items() if k not in ("traceback",)})[:300] if rec["status"] == "ok"
+                   else rec.get("error"))
+            print(f"[bench] {elapsed:6.1f}s {rec['shape'] + '/' + rec['case']:30s} {rec['status']:7s} "
+                  f"{rec['wall_s'] or 0:5.1f}s  {msg}", flush=True)
     if build:
         build.wait(timeout=1)
         data["env"]["ds_build"] = build.result
