@@ -144,6 +144,11 @@ def shape_desc(shape):
     try:
         import harness as H
         s = H.shapes()[shape]
+        if "hf" in s:
+            h = s["hf"]
+            return (f"transformers Llama, hidden {h['hidden_size']}, {h['num_hidden_layers']} layers, "
+                    f"{h['num_attention_heads']} heads ({h['num_key_value_heads']} KV), MLP {h['intermediate_size']}, "
+                    f"vocab {h['vocab_size']}, micro-batch {s['mb']}, sequence {s['seq']}")
         c = s["cfg"]
         return (f"hidden {c.hidden}, {c.num_layers} layers, {c.num_heads} heads, vocab {c.vocab_size}, "
                 f"micro-batch {s['mb']}, sequence {c.seq_len}")
@@ -376,7 +381,8 @@ def write_report(data, md_path, png_path):
          f"| GPU | {e.get('gpu') or 'none (CPU run)'} |",
          f"| CPU | {e.get('cpu')} ({e.get('cpu_cores')} cores), host memory {e.get('host_memory')} |",
          f"| date | {e.get('date')} |",
-         f"| commit | `{e.get('commit')}`{' (with uncommitted changes)' if e.get('dirty') else ''} |",
+         f"| commit | `{e.get('commit')}`{' (with uncommitted changes)' if e.get('dirty') else ''}"
+         + (f" ({e['commit_note']})" if e.get("commit_note") else "") + " |",
          f"| versions | torch {e.get('torch')} (CUDA {e.get('cuda')}), deepspeed {e.get('deepspeed')}, "
          f"megatron-core {e.get('megatron_core')}, torchao {e.get('torchao')}, transformers {e.get('transformers')}, "
          f"Python {e.get('python')} |",
@@ -387,9 +393,10 @@ def write_report(data, md_path, png_path):
          ""]
     if e.get("merged_from"):
         runs = [e.get("date")] + [m.get("date") for m in e["merged_from"]]
-        L.append(f"**Merged from {len(runs)} runs** ({', '.join(str(r) for r in runs)}): each case ran in its own "
-                 "process as always, but ratios between cases of different runs compare different machine instances; "
-                 "the published figures should come from one run.")
+        L.append(f"**Merged from {len(runs)} runs** ({', '.join(str(r) for r in runs)}): "
+                 + ("every engine-path table below comes from one process of one run, so its ratios compare cases "
+                    "measured minutes apart on one machine; " if engine else "")
+                 + "ratios between cases of different runs may compare different machine instances.")
         L.append("")
     if e.get("ds_build"):
         b = e["ds_build"]
@@ -400,9 +407,12 @@ def write_report(data, md_path, png_path):
         L += [f"![step time vs peak GPU memory, engine path]({rel})" if not plot_err else f"_{plot_err}_", ""]
         L += engine
         R = loop
+        runs = sorted({(str((r.get("run") or {}).get("date")), str((r.get("run") or {}).get("commit"))[:9])
+                       for r in loop.recs if r["group"] != "limits"})
         L += ["# Second table: plain loops around our parts, and the limits", "",
               "_Not how users train (that is the engine path above); kept to compare the parts with their peers' "
-              "plain-loop figures._", ""]
+              "plain-loop figures._" + (" From the run(s) of " + ", ".join(f"{d} (commit {c})" for d, c in runs)
+                                       + "." if runs and runs[0][0] != "None" else ""), ""]
         if not loop_err:
             L += [f"![step time vs peak GPU memory, plain loops]({rel_loop})", ""]
     else:

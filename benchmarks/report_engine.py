@@ -27,16 +27,18 @@ def fmt(x, nd=3):
     return f"{x:.{nd}f}"
 
 
+SHAPE_ORDER = ("reference", "llama", "wide", "tiny", "llama-tiny")
+
+
 def groups(R):
-    """[(shape, stage)] of the engine-path groups present, in run order."""
-    out = []
+    """[(shape, stage)] of the engine-path groups present: the reference GPT first, then the Llama, the wide GPT."""
+    out = set()
     for r in R.recs:
         p = r.get("process")
         if p and p.startswith("eng_z"):
-            key = (r["shape"], int(p[len("eng_z"):]))
-            if key not in out:
-                out.append(key)
-    return out
+            out.add((r["shape"], int(p[len("eng_z"):])))
+    rank = {s: i for i, s in enumerate(SHAPE_ORDER)}
+    return sorted(out, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1]))
 
 
 def members(R, shape, stage):
@@ -76,12 +78,25 @@ def max_delta(a, b):
     return max(abs(x - y) for x, y in zip(la, lb))
 
 
+def plain_of(R, shape, stage):
+    """The reference of a group's ratios: the faster of its two plain DeepSpeed runs (the conservative choice:
+    their step times differ by a few percent, which is the timing noise of the ratios)."""
+    runs = [x for x in (R.ok(shape, f"eng_z{stage}_plain"), R.ok(shape, f"eng_z{stage}_plain_again"))
+            if x and "step_s" in x]
+    if not runs:
+        return None
+    return dict(runs[0], step_s=min(x["step_s"] for x in runs))
+
+
 def table(R, shape, stage):
-    plain = R.ok(shape, f"eng_z{stage}_plain")
-    again = R.ok(shape, f"eng_z{stage}_plain_again")
-    noise = max_delta(plain, again)
+    plain = plain_of(R, shape, stage)
+    first, again = R.ok(shape, f"eng_z{stage}_plain"), R.ok(shape, f"eng_z{stage}_plain_again")
+    noise = max_delta(first, again)
+    spread = (abs(first["step_s"] - again["step_s"]) / min(first["step_s"], again["step_s"])
+              if first and again else None)
     lines = [f"Noise floor (two plain DeepSpeed runs of this process, max |Δ loss| over the steps): "
-             f"**{fmt(noise, 5)}**.", "",
+             f"**{fmt(noise, 5)}**; their step times differ by {fmt(spread * 100 if spread is not None else None, 1)}% "
+             "(`× plain` is against the faster).", "",
              "| case | what | step s | × plain | peak GiB | saved GiB | bound GiB | saved/bound | host RSS +GiB | "
              "locked GiB | max \\|Δ loss\\| | final loss |", "|" + "---|" * 12]
     for r in members(R, shape, stage):
@@ -108,7 +123,7 @@ def _verdict(ok):
 
 
 def _step_target(R, shape, stage, case, lim, what):
-    x, plain = R.ok(shape, case), R.ok(shape, f"eng_z{stage}_plain")
+    x, plain = R.ok(shape, case), plain_of(R, shape, stage)
     if not x or not plain:
         r = R.by.get((shape, case))
         return f"- {shape} ZeRO-{stage}, {what}: step <= {lim}x — **not measured** ({(r or {}).get('status', 'not in this run')})"

@@ -20,8 +20,8 @@ built once, in the background, into TORCH_EXTENSIONS_DIR (default: a per-user di
 
 Files written under DIR (8 at most, flat): results.json (environment + every case), results.jsonl (one line
 per case as it finishes), BENCHMARKS.md, plot.png, build.log. With the default DIR (benchmarks/results) the
-report is also written to the repository's BENCHMARKS.md. Without a usable .git, set BENCH_GIT_COMMIT (and
-BENCH_GIT_DIRTY=1 for a tree with changes) so the report names the commit.
+report is also written to the repository's BENCHMARKS.md. BENCH_GIT_COMMIT (and BENCH_GIT_DIRTY=1 for a tree with
+changes) names the commit when the tree was copied without its .git or with a stale one; it wins over git.
 """
 import argparse
 import dataclasses
@@ -158,10 +158,13 @@ def environment():
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
     except OSError:
         pass
-    commit = sh(["git", "-C", REPO, "rev-parse", "HEAD"])
-    dirty = sh(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"])
-    if len(commit) != 40:   # no usable .git (e.g. a copied working tree): take it from the caller
-        commit, dirty = os.environ.get("BENCH_GIT_COMMIT", "unknown"), os.environ.get("BENCH_GIT_DIRTY", "")
+    # BENCH_GIT_COMMIT wins: a copied working tree may carry a stale .git that names another commit
+    commit, dirty = os.environ.get("BENCH_GIT_COMMIT", ""), os.environ.get("BENCH_GIT_DIRTY", "")
+    if len(commit) != 40:
+        commit = sh(["git", "-C", REPO, "rev-parse", "HEAD"])
+        dirty = sh(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"])
+    if len(commit) != 40:   # no usable .git and nothing from the caller
+        commit = "unknown"
     mem = ""
     try:
         with open("/proc/meminfo") as f:
@@ -315,21 +318,29 @@ def merge_results(paths):
     """One results dict from several runs (e.g. one per shape or tier, from separate device calls)."""
     data = {"env": {}, "results": []}
     index = {}
-    for p in paths:
-        d = json.load(open(p))
+    loaded = [json.load(open(p)) for p in paths]
+    # the newest run's environment heads the merge (an older run merged for its other cases does not)
+    newest = max(range(len(loaded)), key=lambda i: str(loaded[i].get("env", {}).get("date", "")))
+    loaded.insert(0, loaded.pop(newest))
+    paths = [paths[newest]] + [p for i, p in enumerate(paths) if i != newest]
+    for d in loaded:
         env = dict(d.get("env", {}))
+        for r in d.get("results", []):   # where each record came from
+            r.setdefault("run", {"date": env.get("date"), "commit": env.get("commit")})
         if not data["env"]:
             data["env"] = env
         else:
             data["env"]["total_s"] = round((data["env"].get("total_s") or 0) + (env.get("total_s") or 0), 1)
             data["env"]["shapes"] = list(dict.fromkeys(data["env"].get("shapes", []) + env.get("shapes", [])))
-            data["env"].setdefault("merged_from", []).append({k: env.get(k) for k in ("date", "gpu", "commit", "argv")})
+            data["env"].setdefault("merged_from", []).append({key: env.get(key) for key in ("date", "gpu", "commit", "argv")})
         if len(str(data["env"].get("commit", ""))) != 40 and len(str(env.get("commit", ""))) == 40:
             data["env"]["commit"], data["env"]["dirty"] = env["commit"], env.get("dirty")
         for r in d.get("results", []):
             key = (r["shape"], r["case"])
             if key in index and r.get("status") in ("skipped",) and data["results"][index[key]].get("status") != "skipped":
                 continue        # a skip in a later run does not hide a result of an earlier one
+            if key in index and str(r["run"]["date"]) < str(data["results"][index[key]]["run"]["date"]):
+                continue        # the newer run's record of a case wins, whatever the order of the files
             if key in index:
                 data["results"][index[key]] = r
             else:
