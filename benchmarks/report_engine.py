@@ -98,7 +98,7 @@ def table(R, shape, stage):
              f"**{fmt(noise, 5)}**; their step times differ by {fmt(spread * 100 if spread is not None else None, 1)}% "
              "(`× plain` is against the faster).", "",
              "| case | what | step s | × plain | peak GiB | saved GiB | bound GiB | saved/bound | host RSS +GiB | "
-             "locked GiB | max \\|Δ loss\\| | final loss |", "|" + "---|" * 12]
+             "pinned GiB | max \\|Δ loss\\| | final loss |", "|" + "---|" * 12]
     for r in members(R, shape, stage):
         name = f"**{r['case']}**" if r["group"] == "ours" else r["case"]
         x = r.get("result") if r.get("status") == "ok" else None
@@ -113,7 +113,7 @@ def table(R, shape, stage):
             fmt(x["step_s"] / plain["step_s"], 2) + "x" if plain else "–",
             fmt(x.get("peak_alloc_gib"), 2), fmt(saved, 2), fmt(b / GiB if b else None, 2),
             f"{saved * GiB / b:.0%}" if b and saved is not None else "–",
-            fmt(x.get("cpu_rss_growth_gib"), 1), fmt(x.get("locked_gib"), 1),
+            fmt(x.get("cpu_rss_growth_gib"), 1), fmt(x.get("pinned_gib"), 1),
             fmt(max_delta(x, plain), 5) if r["case"] != f"eng_z{stage}_plain" else "–", fmt(x["loss"], 4)]) + " |")
     return lines
 
@@ -233,8 +233,10 @@ def sections(R):
          "next one; its peak is measured from what the previous case left allocated. `× plain`: step time over the "
          "first plain run's. `saved`: plain peak minus the case's. `bound`: what the mode should free — 12 B per "
          "optimizer element on the CPU, 16 B per offloaded weight, and the bytes the offloaded layers save for "
-         "backward (counted on the plain run). `host RSS +GiB`: the process's resident memory growth during the case; "
-         "`locked`: pinned/locked host memory of the process (VmLck/VmPin). **Bold**: ds_offload.", ""]
+         "backward (counted on the plain run). `host RSS +GiB`: the process's resident memory growth during the case "
+         "(everything it holds on the host); `pinned`: bytes in use in PyTorch's caching host allocator at the end of "
+         "the case (the activation copies, torch's pinned tensors; the optimizer's and the weights' shared buffers, "
+         "pinned with cudaHostRegister, are in the RSS growth, not here). **Bold**: ds_offload.", ""]
     for shape, stage in gs:
         try:
             import report as Rep
