@@ -24,6 +24,8 @@ def init_ranks():
 def train(engine, micro_loss, args, rank, world):
     """`micro_loss(step_index)` returns the loss of one micro-batch; the loop prints and returns the summary."""
     cuda = torch.cuda.is_available()
+    if getattr(args, "deterministic", False):   # warn only where a kernel has no deterministic twin
+        torch.use_deterministic_algorithms(True, warn_only=True)
     gas = engine.gradient_accumulation_steps()
     losses, times = [], []
     for step in range(args.steps):
@@ -45,11 +47,22 @@ def train(engine, micro_loss, args, rank, world):
             mem = f", peak GPU {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if cuda else ""
             print(f"step {step + 1:>4}/{args.steps}  loss {losses[-1]:.5f}  {times[-1] * 1e3:8.1f} ms{mem}", flush=True)
 
-    peaks = [None] * world
+    peaks, host = [None] * world, [None] * world
     torch.distributed.all_gather_object(peaks, torch.cuda.max_memory_allocated() if cuda else None)
-    summary = _report(engine, args, losses, times, peaks, world) if rank == 0 else None
+    torch.distributed.all_gather_object(host, _host_peak_bytes())
+    summary = _report(engine, args, losses, times, peaks, world, host) if rank == 0 else None
     shutdown(engine)
     return summary
+
+
+def _host_peak_bytes():
+    """This process's peak resident memory (VmHWM), None where /proc has no such line."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next((l for l in fh if l.startswith("VmHWM:")), None)
+        return int(line.split()[1]) * 1024 if line else None
+    except OSError:
+        return None
 
 
 def shutdown(engine):
@@ -63,10 +76,11 @@ def shutdown(engine):
     torch.distributed.destroy_process_group()
 
 
-def _report(engine, args, losses, times, peaks, world):
+def _report(engine, args, losses, times, peaks, world, host=None):
     steady = times[1:] or times
     summary = {"final_loss": losses[-1], "losses": losses, "mean_step_s": sum(steady) / len(steady),
-               "peak_gpu_bytes_per_rank": peaks, "world_size": world,
+               "step_s": times, "peak_gpu_bytes_per_rank": peaks, "peak_host_bytes_per_rank": host,
+               "world_size": world,
                "offload": engine.ds_offload.summary()}
     print("summary: final loss {:.5f}, {:.1f} ms/step (after the first), peak GPU per rank: {}".format(
         summary["final_loss"], summary["mean_step_s"] * 1e3,

@@ -34,6 +34,8 @@ def parse_args():
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses-out", default=None, help="write the per-step losses and a summary as JSON (rank 0)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels where torch has them (for loss comparisons; set CUBLAS_WORKSPACE_CONFIG)")
     add_config_arguments(p)  # --deepspeed, --deepspeed_config, --local_rank
     return p.parse_args()
 

@@ -299,3 +299,70 @@ def test_engine_group_end_to_end_on_cpu(tmp_path):
     text = (out / "BENCHMARKS.md").read_text()
     assert "## The engine path" in text and "**eng_z1_w1**" in text
     assert "[bench]   tiny/eng_z1_plain" in p.stdout                  # progress as each member ends
+
+
+# ---------------------------------------------------------------------------------------------- two GPUs
+
+
+def test_two_gpu_matrix_configs_validate_and_keep_the_global_batch():
+    import two_gpu as T
+    from ds_offload.config import load_config
+    rs = T.runs(cpu=False)
+    keys = [T.key(r) for r in rs]
+    assert len(keys) == len(set(keys))
+    for ex in ("gpt", "hf"):
+        for stage in (1, 2):
+            for mode in T.MODES:
+                assert f"{ex}/z{stage}/{mode}/2" in keys and f"{ex}/z{stage}/{mode}/1" in keys
+            assert f"{ex}/z{stage}/plain_again/2" in keys and f"{ex}/z{stage}/opt50_bind/2" in keys
+    for r in rs:
+        ex, stage, mode, gpus, bind = r
+        cfg = T.ds_config(ex, stage, mode, gpus, cpu=False)
+        assert cfg["train_micro_batch_size_per_gpu"] * gpus == T.GLOBAL[ex]
+        load_config(cfg)                                   # what the launcher will accept
+    w8 = T.ds_config("gpt", 1, "w8", 2, cpu=False)["cpu_offloading"]["model"]
+    assert w8["cpu_offloading_num_layers"] == 8 and w8["cpu_offloading_weights"]
+
+
+def test_two_gpu_report_flags_parity_and_shows_per_rank_memory():
+    import two_gpu as T
+
+    def res(losses, step, peaks):
+        return dict(losses=losses, mean_step_s=step, peak_gpu_bytes_per_rank=peaks,
+                    peak_host_bytes_per_rank=[2**31] * len(peaks), estimate_gib_per_rank=20.0)
+    runs = [dict(key="gpt/z2/plain/2", status="ok", result=res([10.0, 9.0], 0.25, [30 * 2**30] * 2)),
+            dict(key="gpt/z2/plain/1", status="ok", result=res([10.0, 9.0], 0.22, [34 * 2**30])),
+            dict(key="gpt/z2/plain_again/2", status="ok", result=res([10.0, 9.00001], 0.25, [30 * 2**30] * 2)),
+            dict(key="gpt/z2/opt50/2", status="ok", result=res([10.0, 9.0004], 0.30, [27 * 2**30, 27.5 * 2**30])),
+            dict(key="gpt/z2/opt50/1", status="ok", result=res([10.0, 9.0], 0.28, [29 * 2**30])),
+            dict(key="gpt/z2/w8/2", status="ok", result=res([10.0, 9.01], 0.35, [25 * 2**30] * 2)),
+            dict(key="gpt/z2/w8/1", status="ok", result=res([10.0, 9.0], 0.33, [28 * 2**30])),
+            dict(key="gpt/z2/opt100/2", status="error", error="exit 1")]
+    text = "\n".join(T.markdown({"env": {"gpu": "2x H200", "steps": 2}, "runs": runs,
+                                 "cpuadam": {"2 ranks, unbound": [dict(mparam_per_s=1900, threads=16)] * 2}}))
+    assert "noise floor 1.00e-05" in text
+    assert "| opt50 | 0.2800 | 0.3000 | 1.20x | 4.00e-04 | 27.00 / 27.50 | 20.0 | 2.00 / 2.00 |" in text
+    assert "| w8 | 0.3300 | 0.3500 | 1.40x | 1.00e-02 ⚠ |" in text          # over the 1e-3 criterion: flagged
+    assert "| opt100 | – | error: exit 1" in text
+    assert "1900 (16), 1900 (16)" in text
+
+
+@pytest.mark.slow
+def test_two_gpu_runner_on_cpu_ranks(tmp_path):
+    """The two-GPU runner end to end on CPU ranks (gloo): plain and weight offload on 2 ranks and on 1 rank at
+    the same global batch agree within the criterion."""
+    out = tmp_path / "two"
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "two_gpu.py"), "--cpu", "--out", str(out), "--steps", "3",
+                        "--only", "gpt/z2/plain/*,gpt/z2/w8/*", "--cpuadam-n", "200000"],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    data = json.loads((out / "two_gpu.json").read_text())
+    st = {r["key"]: r for r in data["runs"]}
+    assert set(st) == {"gpt/z2/plain/2", "gpt/z2/plain/1", "gpt/z2/w8/2", "gpt/z2/w8/1"}
+    assert all(r["status"] == "ok" for r in st.values()), {k: r.get("log_tail") for k, r in st.items()}
+    two, one = st["gpt/z2/w8/2"]["result"], st["gpt/z2/w8/1"]["result"]
+    assert two["world_size"] == 2 and one["world_size"] == 1 and len(two["peak_host_bytes_per_rank"]) == 2
+    assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"])) < 1e-3
+    assert "weights" in two["offload"]
+    assert all("mparam_per_s" in x for rates in data["cpuadam"].values() for x in rates)
+    assert "### `gpt` ZeRO-2" in (out / "TWO_GPU.md").read_text()
