@@ -247,7 +247,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget", type=float, default=570, help="seconds; launches past it are recorded as skipped")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per launch")
-    ap.add_argument("--cpuadam-n", type=int, default=None, help="parameters per rank of the CPU Adam probe")
+    ap.add_argument("--cpuadam-n", type=int, default=None, help="parameters per rank of the CPU Adam probe, run "
+                    "after the launches (0: no probe)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
@@ -268,11 +269,10 @@ def main(argv=None):
     data = {"env": env, "runs": [], "cpuadam": {}}
     args.hf_config = llama_config(os.path.join(out, "llama_852m.json")) if not args.cpu else None
     t0 = time.perf_counter()
-    n = args.cpuadam_n or (2_000_000 if args.cpu else 200_000_000)
-    for name, ranks, bind in (("1 rank, all cores", 1, False), ("2 ranks, unbound", 2, False),
-                              ("2 ranks, bound to half the cores each", 2, True)):
-        data["cpuadam"][name] = cpuadam_ranks(n, ranks, bind)
-        print(f"[two_gpu] CPU Adam {name}: {data['cpuadam'][name]}", flush=True)
+
+    def save():
+        with open(path, "w") as fh:
+            json.dump(data, fh, indent=1)
     with tempfile.TemporaryDirectory() as work:
         for i, r in enumerate(sel):
             if time.perf_counter() - t0 > args.budget:
@@ -280,12 +280,20 @@ def main(argv=None):
             else:
                 rec = launch(r, args, work, 29600 + i)
             data["runs"].append(rec)
-            with open(path, "w") as fh:
-                json.dump(data, fh, indent=1)
+            save()
             res = rec.get("result") or {}
             print(f"[two_gpu] {time.perf_counter() - t0:6.1f}s {rec['key']:24s} {rec['status']:7s} "
                   + (f"loss {res.get('final_loss'):.5f}, {res.get('mean_step_s', 0) * 1e3:.0f} ms/step"
                      if rec["status"] == "ok" else (rec.get("error") or "")), flush=True)
+    # after the launches (they come first in the budget): each rank's CPU Adam, the ranks stepping at once
+    n = args.cpuadam_n or (2_000_000 if args.cpu else 200_000_000)
+    for name, ranks, bind in (("1 rank, all cores", 1, False), ("2 ranks, unbound", 2, False),
+                              ("2 ranks, bound to half the cores each", 2, True)):
+        if args.cpuadam_n == 0:
+            break
+        data["cpuadam"][name] = cpuadam_ranks(n, ranks, bind)
+        save()
+        print(f"[two_gpu] CPU Adam {name}: {data['cpuadam'][name]}", flush=True)
     open(os.path.join(out, "TWO_GPU.md"), "w").write("\n".join(["# Two GPUs", ""] + markdown(data)))
     print(f"[two_gpu] wrote {path} and TWO_GPU.md", flush=True)
     return 0
