@@ -38,7 +38,8 @@ def _inputs(shape, case, params):
         return "bf16", OffloadConfig(optimizer=opt), "torch"
     if case == "ours_combined":
         return "bf16", OffloadConfig(model=on, optimizer=opt), "torch"
-    if case.startswith("eng_z") and "stage" in params and ("block" in params or case.endswith(("_plain", "_plain_again"))):
+    plain = case.endswith(("_plain", "_plain_again"))
+    if case.startswith("eng_z") and "stage" in params and ("block" in params or plain):
         import harness as H   # an engine-path case: the very config it ran
         cfg = H.engine_config(shape, {"stage": params["stage"]}, gradient_clipping=1.0,
                               cpu_offloading=params.get("block") or {})

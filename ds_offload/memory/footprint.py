@@ -174,10 +174,11 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
     """An Estimate for `spec` trained with `config` (an OffloadConfig, as `ds_offload.config.load_config`
     returns it; None: plain DeepSpeed defaults, no offload) on `gpus` data-parallel ranks.
 
-    `loop`: "deepspeed" for `ds_offload.initialize` (DeepSpeed's mixed-precision wrappers own the fp32 masters,
-    so the hybrid optimizer frees only the moments of its share on the GPU: 8 bytes per element); "torch" for a
-    plain loop with `HybridDeviceOptimizer` / `ActivationOffloader` (with bf16 parameters the optimizer holds the
-    fp32 masters too, so the offloaded share frees 12 bytes, and its fp32 gradients are made on the CPU).
+    `loop`: "deepspeed" for `ds_offload.initialize` (under DeepSpeed's ZeRO-1/2 optimizer the offloaded share's
+    fp32 master, moments and fp32 gradient live on the CPU: 12 bytes per element freed, as measured; under ZeRO-0
+    and BF16_Optimizer the wrapper keeps the fp32 masters, so 8); "torch" for a plain loop with
+    `HybridDeviceOptimizer` / `ActivationOffloader` (with bf16 parameters the optimizer holds the fp32 masters
+    too, so the offloaded share frees 12 bytes, and its fp32 gradients are made on the CPU).
     Checked against measured H200 peaks in both loops (`benchmarks/estimate_check.py`).
     """
     if loop not in LOOPS:
