@@ -25,6 +25,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
+from . import fp32_views
 from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
 from .layout import host_buffer, unregister_host_buffers
 from .tail_steps import TailSteps, chunk_spans
@@ -112,12 +113,14 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.backend.start()
 
     def _unlink_hp_params(self):
-        """DeepSpeed's fp32 views of each parameter point into the uncut partition and would keep it alive;
-        they serve `safe_get_full_fp32_param` and universal checkpoints, which this optimizer does not."""
+        """DeepSpeed's fp32 views of each parameter point into the uncut partition and would keep it alive; the
+        `safe_get/set_full_*` helpers are served by fp32_views.py instead (universal checkpoints are not)."""
+        fp32_views.record_fragments(self)
         for group in self.bit16_groups:
             for p in group:
                 p._hp_mapping = None
         self._hp_optimizer_states_linked = True
+        fp32_views.link(self)
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, closure=None):
