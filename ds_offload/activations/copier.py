@@ -224,7 +224,10 @@ class SavedTensorCopier:
                 self.tensors_recast += 1
                 return recast
         if not self.wants(t):
-            return t
+            # a detached alias, not `t`: an output saved by its own node would otherwise hold that node through
+            # the packed object (tensor -> grad_fn -> saved -> tensor), a cycle Python's collector cannot see, and
+            # a graph dropped without backward would keep its saved outputs on the GPU for good
+            return t.detach()
         st = t.untyped_storage()
         hit = sess.by_ptr.get(st.data_ptr())
         rec = hit[1]() if hit is not None and not hit[0].expired() else None

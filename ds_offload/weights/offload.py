@@ -166,7 +166,7 @@ class WeightOffload:
             return SavedWeight(L, t)
         if outer is not None:
             return SavedOuter(outer[0](t), outer[1])
-        return t
+        return t.detach()   # not `t`: see SavedTensorCopier.pack (a graph dropped without backward must be freed)
 
     def _unpack(self, packed):
         if isinstance(packed, SavedWeight):
