@@ -317,7 +317,7 @@ def saved_bytes_per_layer(eng, shape, idx, tgt):
                     counts[cur[0]] += t.untyped_storage().nbytes()
             except RuntimeError:   # a tensor without storage
                 pass
-        return t
+        return t.detach()   # not `t`: an output saved by its own node would keep the dropped graph alive
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_of(eng.module, shape, idx, tgt)
