@@ -5,17 +5,22 @@ import torch
 import harness as H
 
 
-def save_on_cpu(shape, warm, steps, n):
-    """torch.autograd.graph.save_on_cpu(pin_memory=True) around the forward of the first n layers."""
-    m = H.build_model(shape)
+def wrap_save_on_cpu(model, n):
+    """torch.autograd.graph.save_on_cpu(pin_memory=True) around the forward of the model's first n layers."""
     pin = torch.cuda.is_available()
-    for blk in list(m.blocks)[:n]:
+    for blk in list(H.layers_of(model))[:n]:
         orig = blk.forward
 
         def fwd(*a, _orig=orig, **k):
             with torch.autograd.graph.save_on_cpu(pin_memory=pin):
                 return _orig(*a, **k)
         blk.forward = fwd
+
+
+def save_on_cpu(shape, warm, steps, n):
+    """torch's save_on_cpu around the first n layers, in a plain loop."""
+    m = H.build_model(shape)
+    wrap_save_on_cpu(m, n)
     opt = torch.optim.AdamW(m.parameters(), lr=H.LR, weight_decay=H.WD, betas=H.BETAS, eps=H.EPS,
                             fused=torch.cuda.is_available())
     idx, tgt = H.batch(shape)
@@ -94,16 +99,8 @@ def _engine_peer(shape, warm, steps, stage, zero=None, prepare=None, **extra):
 
 
 def engine_save_on_cpu(shape, warm, steps, stage, n):
-    """torch.autograd.graph.save_on_cpu(pin_memory=True) around the first n layers' forward."""
-    def prepare(m):
-        for blk in list(H.layers_of(m))[:n]:
-            orig = blk.forward
-
-            def fwd(*a, _orig=orig, **k):
-                with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-                    return _orig(*a, **k)
-            blk.forward = fwd
-    return _engine_peer(shape, warm, steps, stage, prepare=prepare, n=n)
+    """torch's save_on_cpu around the first n layers, under plain DeepSpeed."""
+    return _engine_peer(shape, warm, steps, stage, prepare=lambda m: wrap_save_on_cpu(m, n), n=n)
 
 
 def ds_cpu_checkpointing(shape, warm, steps, stage):

@@ -371,7 +371,8 @@ def write_report(data, md_path, png_path):
     loop = Results(dict(data, results=[r for r in R.recs if not r.get("process")]))
     loop_png = png_path[:-len(".png")] + "_loop.png" if png_path.endswith(".png") else png_path + "_loop"
     plot_err = RE.write_plot(R, png_path) if engine else write_plot(R, png_path)
-    loop_err = write_plot(loop, loop_png) if engine and any(r["group"] != "limits" for r in loop.recs) else "none"
+    draw_loop = bool(engine) and any(r["group"] != "limits" for r in loop.recs)
+    loop_err = write_plot(loop, loop_png) if draw_loop else None
     rel = os.path.relpath(png_path, os.path.dirname(os.path.abspath(md_path)))
     rel_loop = os.path.relpath(loop_png, os.path.dirname(os.path.abspath(md_path)))
     L = ["# Benchmarks", "",
@@ -413,7 +414,7 @@ def write_report(data, md_path, png_path):
               "_Not how users train (that is the engine path above); kept to compare the parts with their peers' "
               "plain-loop figures._" + (" From the run(s) of " + ", ".join(f"{d} (commit {c})" for d, c in runs)
                                        + "." if runs and runs[0][0] != "None" else ""), ""]
-        if not loop_err:
+        if draw_loop and not loop_err:
             L += [f"![step time vs peak GPU memory, plain loops]({rel_loop})", ""]
     else:
         weights = sorted({r["case"] for r in R.recs if r.get("mode") == "weights" and r.get("status", "ok") == "ok"})

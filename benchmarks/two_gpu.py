@@ -38,7 +38,7 @@ PARITY = 1e-3
 def blocks(cpu):
     n_w, n_a = (2, 2) if cpu else (8, 4)
     return {"plain": None, "act4": E.act_block(n_a), "opt50": E.opt_block(0.5), "opt100": E.opt_block(1.0),
-            f"w8": E.weights_block(n_w), "combined": E.combined_block(n_a)}
+            "w8": E.weights_block(n_w), "combined": E.combined_block(n_a)}
 
 
 def runs(cpu):
@@ -87,8 +87,7 @@ def estimate_gib(ex, cfg, gpus, hf_config):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         spec = spec_from_hf_config(hf_config) if ex == "hf" else spec_from_gpt(GPT_SHAPES["reference-gpt"])
-        seq = 2048
-        e = estimate(spec, load_config(cfg), micro_batch=cfg["train_micro_batch_size_per_gpu"], seq_len=seq,
+        e = estimate(spec, load_config(cfg), micro_batch=cfg["train_micro_batch_size_per_gpu"], seq_len=2048,
                      gpus=gpus, loop="deepspeed")
     return round(e.offload_gpu.total / 2**30, 3)
 

@@ -23,3 +23,14 @@ def dist():
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     yield
+
+
+@pytest.fixture
+def live_tensors():
+    """A function counting the torch tensors alive after a collection: a graph that outlives its forward shows."""
+    import gc
+
+    def count():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    return count

@@ -186,14 +186,8 @@ def test_recast_refuses_a_parameter_changed_before_backward(handles):
         loss.backward()
 
 
-def _live_tensors():
-    import gc
-    gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
-
-
 @pytest.mark.parametrize("min_bytes", [0, 1 << 30])   # everything copied / everything left in place
-def test_a_forward_dropped_without_backward_frees_its_graph(min_bytes):
+def test_a_forward_dropped_without_backward_frees_its_graph(min_bytes, live_tensors):
     """A forward whose loss is dropped unused (an evaluation with grad on, a skipped step) leaves nothing alive:
     a tensor left in place is packed as a detached alias, so an output saved by its own node (LayerNorm's mean
     and rstd) does not hold that node in a cycle the collector cannot see."""
@@ -202,9 +196,9 @@ def test_a_forward_dropped_without_backward_frees_its_graph(min_bytes):
     x, y = synthetic_batch(CFG, 2, 0)
     m(x, y).backward()          # one full step first: pools and caches exist before the count
     m.zero_grad(set_to_none=True)
-    before = _live_tensors()
+    before = live_tensors()
     for _ in range(3):
         loss = m(x, y)
         del loss
-    assert _live_tensors() <= before
+    assert live_tensors() <= before
     h.remove()

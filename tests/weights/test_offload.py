@@ -214,21 +214,16 @@ def test_client_optimizer_with_two_param_groups():
     engine.ds_offload.close()
 
 
-def test_a_forward_dropped_without_backward_frees_its_graph():
+def test_a_forward_dropped_without_backward_frees_its_graph(live_tensors):
     """Through the engine with weight offload: forwards whose losses are dropped unused leave nothing alive (the
     pack hook keeps a detached alias of what it leaves in place, never the tensor itself)."""
-    import gc
     engine = make(config(1))
     run(engine, 1)
-
-    def live():
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
     x, y = synthetic_batch(CFG, 4, 0, device=engine.device)
-    before = live()
+    before = live_tensors()
     for _ in range(3):
         loss = engine(x, y)
         del loss
-    assert live() <= before
+    assert live_tensors() <= before
     assert run(engine, 1, start=1)          # and training goes on
     engine.ds_offload.close()
