@@ -10,7 +10,7 @@ Two schedules, one code path (the streams come from ``make_streams``, the curren
   on a side stream and hands the chunks to a worker thread, so the CPU step overlaps the next forward. The
   forward of a module that owns a parameter of a chunk waits for that chunk (``wait_for``); every other read
   of the weights goes through ``land()`` first (the optimizer calls it from ``step``, its state dicts and
-  the modules' ``state_dict``; users call ``engine.ds_offload.wait()`` for any other read).
+  the modules' ``state_dict`` and ``load_state_dict``; users call ``engine.ds_offload.wait()`` for any other read).
 
 The arithmetic is the inline path's in both: the gradient is unscaled and clipped in fp32 on its device (the
 same multiplication DeepSpeed applies to the GPU share), then stepped by the same CPU Adam runs.
@@ -38,6 +38,13 @@ class Chunk:
 
 def chunk_spans(numel):
     return [(a, min(a + CHUNK_NUMEL, numel)) for a in range(0, numel, CHUNK_NUMEL)]
+
+
+def land_before_state_dicts(module, land):
+    """Hooks that call `land` (a TailSteps' land) before `module.state_dict()` reads its weights and before
+    `load_state_dict()` writes them: a load the worker did not wait for would be overwritten by the step in flight."""
+    return [module.register_state_dict_pre_hook(lambda *_: land()),
+            module.register_load_state_dict_pre_hook(lambda *_: land())]
 
 
 class TailSteps:

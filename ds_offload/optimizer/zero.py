@@ -28,7 +28,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpee
 from . import fp32_views
 from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
 from .layout import host_buffer, unregister_host_buffers
-from .tail_steps import TailSteps, chunk_spans
+from .tail_steps import TailSteps, chunk_spans, land_before_state_dicts
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _WEIGHTS_KEY = "ds_offload_weights"  # the optimizer state of the offloaded layers, in the optimizer's state dict
@@ -103,7 +103,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                           "optimizer_cpu_offload there is nothing else to overlap: step() lands everything. Fix: "
                           "leave the key out, or also offload a fraction of the optimizer.", stacklevel=2)
         self.tail_steps = TailSteps(self.backend, deferred, cuda)
-        self._hook_handles = []  # _hook_handles => forward and state_dict pre-hooks from attach()
+        self._hook_handles = []  # _hook_handles => forward and (load_)state_dict pre-hooks from attach()
         if w is not None:
             w.allocate(shared, o.pin_cpu_params, self.dp_process_group)
             w.register(self.backend)
@@ -335,7 +335,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     # ------------------------------------------------------------------------ deferred weight updates
     def attach(self, module):
         """With the deferred schedule, make `module`'s forwards wait for the chunks their own parameters are in,
-        and any `state_dict()` of it for everything; returns whether hooks were installed."""
+        and any `state_dict()` or `load_state_dict()` of it for everything; returns whether hooks were installed."""
         if not self.tail_steps.deferred or self._hook_handles:
             return bool(self._hook_handles)
         where = {}  # where => id(param) => [(tail id, chunk index)] of the chunks holding its weights
@@ -354,8 +354,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             keys = [k for p in m._parameters.values() if p is not None for k in where.get(id(p), ())]
             if keys:
                 self._hook_handles.append(m.register_forward_pre_hook(lambda _m, _a, keys=keys: steps.wait_for(keys)))
-                self._hook_handles.append(m.register_state_dict_pre_hook(lambda *_: steps.land()))
-        self._hook_handles.append(module.register_state_dict_pre_hook(lambda *_: steps.land()))
+                self._hook_handles += land_before_state_dicts(m, steps.land)
+        self._hook_handles += land_before_state_dicts(module, steps.land)
         return True
 
     def wait(self):

@@ -26,7 +26,7 @@ import torch.distributed as tdist
 from ..activations.layer_hooks import _first_grad_tensor
 from ..errors import ConfigError
 from ..optimizer.layout import host_buffer
-from ..optimizer.tail_steps import Chunk, chunk_spans
+from ..optimizer.tail_steps import Chunk, chunk_spans, land_before_state_dicts
 from ..optimizer.transfers import make_streams
 from .layer import OffloadedLayer, SavedOuter, SavedWeight
 
@@ -91,7 +91,7 @@ class WeightOffload:
         for L in self.layers:
             self._hooks.append(L.module.register_forward_pre_hook(self._pre_forward(L)))
             self._hooks.append(L.module.register_forward_hook(self._post_forward(L), prepend=True, always_call=True))
-            self._hooks.append(L.module.register_state_dict_pre_hook(lambda *_: self.tail_steps.land()))
+            self._hooks += land_before_state_dicts(L.module, lambda: self.tail_steps.land())
             for i, p in enumerate(L.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, L=L, i=i: self._on_grad(L, p, i)))
         for j, module in enumerate(self.next_layers):

@@ -172,3 +172,32 @@ def test_a_failed_cpu_step_is_an_error_at_the_next_use():
     with pytest.raises(RuntimeError, match="CPU Adam exploded"):
         engine(x, y)
     engine.ds_offload.close()
+
+
+@pytest.mark.parametrize("how", ["load_checkpoint", "load_state_dict"])
+def test_a_load_waits_for_a_slow_cpu_step(how, tmp_path, monkeypatch):
+    """A load while the last step's CPU share is still being written: the load must land it first, or the
+    worker overwrites the loaded weights afterwards (on CPU the worker thread writes them)."""
+    import time
+
+    import ds_offload.optimizer.tail_steps as T
+    _, engine = train(config(1, "fp32", fraction=1.0, overlap=True), steps=2)
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    saved = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    run = T.TailSteps._run
+
+    def slow_run(self, jobs):
+        time.sleep(0.5)
+        return run(self, jobs)
+    monkeypatch.setattr(T.TailSteps, "_run", slow_run)
+    x, y = synthetic_batch(CFG, 4, 99, device=engine.device)
+    engine.backward(engine(x, y))
+    engine.step()  # returns with the CPU step still asleep
+    if how == "load_checkpoint":
+        engine.load_checkpoint(str(tmp_path), tag="t", load_module_only=True)
+    else:
+        engine.module.load_state_dict(saved)
+    time.sleep(0.7)  # a worker the load did not wait for has written by now
+    for k, v in engine.module.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    engine.ds_offload.close()
