@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import BLOCK, OffloadConfig, bf16_optimizer_runs, load_config
+from .config import BLOCK, OffloadConfig, bf16_optimizer_runs, fused_optimizer_runs, load_config
 from .errors import ConfigError
 from .layers import find_layers, unwrap
 
@@ -44,7 +44,7 @@ class OffloadState:
             n = self.optimizer.split_info()["cpu_numel"]
             # 16 bytes per element on the host: fp32 master, gradient buffer and both moments.
             freed = ("their fp32 masters and moments are freed on the GPU ({:.2f} GiB)".format(12 * n / 2**30)
-                     if hasattr(self.optimizer, "tails") else  # HybridZeroOptimizer: DeepSpeed's partition is cut
+                     if hasattr(self.optimizer, "tails") else  # HybridZero/FusedOptimizer: DeepSpeed's fp32 copy is cut
                      f"on the GPU their moments are freed ({8 * n / 2**30:.2f} GiB) while DeepSpeed keeps its fp32 "
                      "copy of them")
             zero = hasattr(self.optimizer, "tails")
@@ -58,7 +58,7 @@ class OffloadState:
         return "ds_offload: " + ("; ".join(parts) if parts else "nothing offloaded")
 
     def wait(self):
-        """Land the optimizer's last step in the weights. With `overlap_cpu_optimizer_d2h_h2d` under ZeRO-1/2,
+        """Land the optimizer's last step in the weights. With `overlap_cpu_optimizer_d2h_h2d` under ZeRO-1/2 (or bf16/fp16 ZeRO-0),
         `step()` returns before the CPU share's updated weights are back; forwards, `state_dict()` and
         checkpoints wait for them by themselves, any other read of the parameters (`p.data`, an EMA, a
         functional call) must call this first."""
@@ -150,6 +150,20 @@ def _deepspeed_zero_optimizer_runs(ds_config):
     return stage in (1, 2) and not bf16_optimizer_runs(stage, bf16, ds_config)
 
 
+def _deepspeed_fused_optimizer_runs(ds_config):
+    """Whether DeepSpeed will step with its FP16_Optimizer around FusedAdam (the path where each flat fp32
+    group is cut): ZeRO-0 with bf16 or fp16 and the config's Adam/AdamW."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    low = any((ds_config.get(k) or {}).get("enabled") for k in ("bf16", "bfloat16", "fp16"))
+    return fused_optimizer_runs(stage, low, ds_config)
+
+
+def _hybrid_fused(settings):
+    """DeepSpeed builds its ZeRO-0 FP16_Optimizer with each flat fp32 group cut."""
+    from .optimizer.fused import deepspeed_builds_hybrid_fused
+    return deepspeed_builds_hybrid_fused(settings)
+
+
 def _hybrid_zero(settings, weights=None):
     """DeepSpeed builds its ZeRO-1/2 optimizer with the partition cut (and the offloaded layers' step)."""
     from .optimizer.zero import deepspeed_builds_hybrid_zero
@@ -226,6 +240,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
             if _deepspeed_zero_optimizer_runs(ds_config):
                 builds = _hybrid_zero(cfg.optimizer, weights)
+            elif _deepspeed_fused_optimizer_runs(ds_config):
+                builds = _hybrid_fused(cfg.optimizer)
             else:
                 params = model_parameters if model_parameters is not None else model.parameters()
                 optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)
@@ -238,11 +254,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
             training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
     if (cfg.optimizer.enabled and state.optimizer is None) or weights is not None:
+        from .optimizer.fused import HybridFusedOptimizer
         from .optimizer.zero import HybridZeroOptimizer
-        if not isinstance(engine.optimizer, HybridZeroOptimizer):
+        if not isinstance(engine.optimizer, (HybridZeroOptimizer, HybridFusedOptimizer)):
             raise RuntimeError(f"ds_offload: DeepSpeed built {type(engine.optimizer).__name__}, not its ZeRO-1/2 "
-                               "optimizer, so the optimizer offload did not take; this is a bug, please report it "
-                               "with your config")
+                               "optimizer or FP16_Optimizer, so the optimizer offload did not take; this is a bug, "
+                               "please report it with your config")
         state.optimizer = engine.optimizer
         state.optimizer.attach(engine.module)
 

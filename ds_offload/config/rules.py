@@ -51,6 +51,14 @@ def bf16_optimizer_runs(stage, bf16, ds):
     return bool(bf16) and stage == 1 and accum in ("fp32", "float32", "float")
 
 
+def fused_optimizer_runs(stage, low_precision, ds):
+    """Whether DeepSpeed 0.19 wraps the config's Adam/AdamW (its FusedAdam) in its FP16_Optimizer: ZeRO-0 with
+    bf16 or fp16, without `torch_adam` (which gets FP16_UnfusedOptimizer). There the flat fp32 groups are cut."""
+    opt = section(ds, "optimizer")
+    adam = str(opt.get("type", "")).lower() in ("adam", "adamw")
+    return bool(low_precision) and stage == 0 and adam and not section(opt, "params").get("torch_adam", False)
+
+
 def cuda_graphs_source(ds):
     """Where DeepSpeed's config `ds` asks for CUDA graph capture, or None.
 

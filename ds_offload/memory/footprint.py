@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from ..config import OffloadConfig, bf16_optimizer_runs
+from ..config import OffloadConfig, bf16_optimizer_runs, fused_optimizer_runs
 from .model_spec import ModelSpec
 
 GiB = 1024 ** 3
@@ -175,8 +175,9 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
     returns it; None: plain DeepSpeed defaults, no offload) on `gpus` data-parallel ranks.
 
     `loop`: "deepspeed" for `ds_offload.initialize` (under DeepSpeed's ZeRO-1/2 optimizer the offloaded share's
-    fp32 master, moments and fp32 gradient live on the CPU: 12 bytes per element freed, as measured; under ZeRO-0
-    and BF16_Optimizer the wrapper keeps the fp32 masters, so 8); "torch" for a plain loop with
+    fp32 master, moments and fp32 gradient live on the CPU: 12 bytes per element freed, as measured; the same
+    under bf16/fp16 ZeRO-0, whose FP16_Optimizer is cut the same way; under fp32 ZeRO-0, `torch_adam` and
+    BF16_Optimizer the wrapper keeps the fp32 masters, so 8); "torch" for a plain loop with
     `HybridDeviceOptimizer` / `ActivationOffloader` (with bf16 parameters the optimizer holds the fp32 masters
     too, so the offloaded share frees 12 bytes, and its fp32 gradients are made on the CPU).
     Checked against measured H200 peaks in both loops (`benchmarks/estimate_check.py`).
@@ -234,8 +235,10 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
     if o.optimizer_cpu_offload:
         f = float(o.optimizer_offload_fraction)
         share = (n - weights_n) / (gpus if stage >= 1 else 1)
-        if loop == "deepspeed" and mixed and stage in (1, 2) and not bf16_optimizer_runs(stage, precision == "bf16", ds):
-            gpu.optimizer -= f * share * 12         # ZeRO-1/2: the cut partition's masters and moments
+        cut = (stage in (1, 2) and not bf16_optimizer_runs(stage, precision == "bf16", ds)) or \
+            fused_optimizer_runs(stage, mixed, ds)  # DeepSpeed's ZeRO-1/2 optimizer or its ZeRO-0 FP16_Optimizer
+        if loop == "deepspeed" and mixed and cut:
+            gpu.optimizer -= f * share * 12         # the cut partition's or flat group's masters and moments
         elif loop == "deepspeed" or not mixed:
             gpu.optimizer -= f * share * 8          # the moments; the fp32 master stays where the model needs it
         else:

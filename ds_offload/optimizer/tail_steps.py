@@ -20,10 +20,28 @@ import threading
 
 import torch
 
+from .layout import host_buffer
 from .transfers import make_streams
 
 CHUNK_NUMEL = 32 * 1024 * 1024  # 128 MiB of fp32 per transfer
 HOST_SPAN_NUMEL = 4 * 1024 * 1024  # 16 MiB of fp32: a span the CPU scales, steps and casts while in its cache
+
+
+class CpuTail:
+    """The offloaded tail of one param group's flat fp32 weights (a ZeRO partition, an FP16_Optimizer group),
+    in CPU memory."""
+
+    def __init__(self, start, numel, pin_params, pin_grads, shared):
+        self.start = start  # start => first offloaded element of the flat (P - c)
+        self.master = host_buffer(numel, pin_params, shared)  # master => fp32 master weights of the tail
+        self.grad = host_buffer(numel, pin_grads, shared)  # grad => the tail's fp32 gradient, unscaled and clipped
+        self.exp_avg = host_buffer(numel, False, shared)  # exp_avg => Adam's first moment
+        self.exp_avg_sq = host_buffer(numel, False, shared)  # exp_avg_sq => Adam's second moment
+        self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
+
+    @property
+    def numel(self):
+        return self.master.numel()
 
 
 class Chunk:
@@ -38,6 +56,32 @@ class Chunk:
 
 def chunk_spans(numel):
     return [(a, min(a + CHUNK_NUMEL, numel)) for a in range(0, numel, CHUNK_NUMEL)]
+
+
+def chunk_keys_of_params(lp, tail, tail_id, params):
+    """id(param) => [(tail id, chunk index)] of the chunks holding a part of it, for `params` that live in the
+    flat low-precision tensor `lp` whose elements from `tail.start` on are `tail`'s."""
+    spans = chunk_spans(tail.numel)
+    where = {}
+    for p in params:
+        off = (p.data_ptr() - lp.data_ptr()) // p.element_size()
+        lo, hi = max(off, tail.start) - tail.start, min(off + p.numel(), lp.numel()) - tail.start
+        if lo < hi:
+            where[id(p)] = [(tail_id, k) for k, (a, b) in enumerate(spans) if a < hi and lo < b]
+    return where
+
+
+def install_waits(module, steps, where):
+    """Forward pre-hooks that make each submodule of `module` wait for the chunks its own parameters are in
+    (`where` from `chunk_keys_of_params`), and (load_)state_dict pre-hooks that land everything; returns the
+    handles."""
+    handles = []
+    for m in module.modules():
+        keys = [k for p in m._parameters.values() if p is not None for k in where.get(id(p), ())]
+        if keys:
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, keys=keys: steps.wait_for(keys)))
+            handles += land_before_state_dicts(m, steps.land)
+    return handles + land_before_state_dicts(module, steps.land)
 
 
 def land_before_state_dicts(module, land):

@@ -27,27 +27,11 @@ from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpee
 
 from . import fp32_views
 from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
-from .layout import host_buffer, unregister_host_buffers
-from .tail_steps import TailSteps, chunk_spans, land_before_state_dicts
+from .layout import unregister_host_buffers
+from .tail_steps import CpuTail, TailSteps, chunk_keys_of_params, install_waits
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _WEIGHTS_KEY = "ds_offload_weights"  # the optimizer state of the offloaded layers, in the optimizer's state dict
-
-
-class _CpuTail:
-    """The offloaded tail of one param group's partition, in CPU memory."""
-
-    def __init__(self, start, numel, pin_params, pin_grads, shared):
-        self.start = start  # start => first offloaded element of the rank's partition (P - c)
-        self.master = host_buffer(numel, pin_params, shared)  # master => fp32 master weights of the tail
-        self.grad = host_buffer(numel, pin_grads, shared)  # grad => the tail's fp32 gradient, unscaled and clipped
-        self.exp_avg = host_buffer(numel, False, shared)  # exp_avg => Adam's first moment
-        self.exp_avg_sq = host_buffer(numel, False, shared)  # exp_avg_sq => Adam's second moment
-        self.step = 0  # step => Adam steps taken (overflow-skipped steps are not)
-
-    @property
-    def numel(self):
-        return self.master.numel()
 
 
 class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
@@ -82,12 +66,12 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
         shared = CpuAdamBackend.wants_shared_memory(o.use_torch_optimizer_for_cpu_offload, mode == "process")
-        self.tails = []  # tails => per param group, its _CpuTail, or None when nothing of it is offloaded
+        self.tails = []  # tails => per param group, its CpuTail, or None when nothing of it is offloaded
         for i, (fp32, size, c) in enumerate(zip(self.single_partition_of_fp32_groups, sizes, cuts)):
             if c == 0:
                 self.tails.append(None)
                 continue
-            tail = _CpuTail(size - c, c, cuda and o.pin_cpu_params, cuda and o.pin_cpu_grads, shared)
+            tail = CpuTail(size - c, c, cuda and o.pin_cpu_params, cuda and o.pin_cpu_grads, shared)
             tail.master.copy_(fp32.detach()[size - c:])
             head = fp32.detach()[:size - c].clone()
             head.requires_grad = True
@@ -340,22 +324,10 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             return bool(self._hook_handles)
         where = {}  # where => id(param) => [(tail id, chunk index)] of the chunks holding its weights
         for i, tail in enumerate(self.tails):
-            if tail is None:
-                continue
-            lp = self.parallel_partitioned_bit16_groups[i][0]  # one rank: the partition is the whole group
-            spans = chunk_spans(tail.numel)
-            for p in self.bit16_groups[i]:
-                off = (p.data_ptr() - lp.data_ptr()) // p.element_size()
-                lo, hi = max(off, tail.start) - tail.start, min(off + p.numel(), lp.numel()) - tail.start
-                if lo < hi:
-                    where[id(p)] = [(self._tail_id(i), k) for k, (a, b) in enumerate(spans) if a < hi and lo < b]
-        steps = self.tail_steps
-        for m in module.modules():
-            keys = [k for p in m._parameters.values() if p is not None for k in where.get(id(p), ())]
-            if keys:
-                self._hook_handles.append(m.register_forward_pre_hook(lambda _m, _a, keys=keys: steps.wait_for(keys)))
-                self._hook_handles += land_before_state_dicts(m, steps.land)
-        self._hook_handles += land_before_state_dicts(module, steps.land)
+            if tail is not None:  # one rank: the partition is the whole group
+                where.update(chunk_keys_of_params(self.parallel_partitioned_bit16_groups[i][0], tail,
+                                                  self._tail_id(i), self.bit16_groups[i]))
+        self._hook_handles += install_waits(module, self.tail_steps, where)
         return True
 
     def wait(self):

@@ -119,8 +119,15 @@ def test_optimizer_offload_fraction():
     assert est.offload_gpu.optimizer == pytest.approx((12 - 0.25 * 12) * n / 2)
     assert est.offload_cpu.optimizer == pytest.approx(0.25 * 16 * n / 2)
     assert est.offload_gpu.params == est.baseline_gpu.params and est.offload_gpu.grads == est.baseline_gpu.grads
-    # ZeRO-0 (and bf16 ZeRO-1 with fp32 gradient accumulation): DeepSpeed's wrapper keeps the masters.
-    for zero, extra in (({"stage": 0}, {}), ({"stage": 1}, {"data_types": {"grad_accum_dtype": "fp32"}})):
+    # bf16 ZeRO-0 with the config's AdamW: DeepSpeed's FP16_Optimizer is cut the same way (not partitioned).
+    adamw = {"type": "AdamW", "params": {"lr": 1e-3}}
+    est = E.estimate(s, C({**cfg, "zero_optimization": {"stage": 0}, "optimizer": adamw}), micro_batch=1, gpus=2)
+    assert est.baseline_gpu.optimizer - est.offload_gpu.optimizer == pytest.approx(0.25 * 12 * n)
+    # ZeRO-0 with torch_adam or a client optimizer, bf16 ZeRO-1 with fp32 gradient accumulation: DeepSpeed's
+    # wrapper keeps the masters.
+    torch_adam = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
+    for zero, extra in (({"stage": 0}, {}), ({"stage": 0}, {"optimizer": torch_adam}),
+                        ({"stage": 1}, {"data_types": {"grad_accum_dtype": "fp32"}})):
         est = E.estimate(s, C({**cfg, "zero_optimization": zero, **extra}), micro_batch=1, gpus=2)
         assert est.baseline_gpu.optimizer - est.offload_gpu.optimizer == pytest.approx(
             0.25 * 8 * n / (2 if zero["stage"] else 1))
