@@ -158,10 +158,36 @@ def _deepspeed_fused_optimizer_runs(ds_config):
     return fused_optimizer_runs(stage, low, ds_config)
 
 
-def _hybrid_fused(settings):
-    """DeepSpeed builds its ZeRO-0 FP16_Optimizer with each flat fp32 group cut."""
+def _hybrid_fused(settings, weights=None):
+    """DeepSpeed builds its ZeRO-0 FP16_Optimizer with each flat fp32 group cut (and the offloaded layers' step)."""
     from .optimizer.fused import deepspeed_builds_hybrid_fused
-    return deepspeed_builds_hybrid_fused(settings)
+    return deepspeed_builds_hybrid_fused(settings, weights)
+
+
+def _hybrid_for(ds_config, settings, weights=None):
+    """The optimizer class DeepSpeed must build for this config: its ZeRO-1/2 optimizer or its FP16_Optimizer."""
+    if _deepspeed_fused_optimizer_runs(ds_config):
+        return _hybrid_fused(settings, weights)
+    return _hybrid_zero(settings, weights)
+
+
+def _keep_out_of_allreduce(engine, params):
+    """ZeRO-0: DeepSpeed's engine all-reduces every parameter's gradient after backward and gives a zero one to
+    those without; the offloaded layers' gradients already left (reduced by WeightOffload), and their parameters
+    sit in CPU memory between uses. They sit out the engine's reduction."""
+    reduce = engine.allreduce_gradients
+
+    def allreduce_gradients(*args, **kwargs):
+        trainable = [p for p in params if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            return reduce(*args, **kwargs)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
+    engine.allreduce_gradients = allreduce_gradients
 
 
 def _hybrid_zero(settings, weights=None):
@@ -174,9 +200,16 @@ def _plan_weights(cfg, ds_config, model, layers, model_parameters, optimizer):
     """The WeightOffload of the first layers and the parameters DeepSpeed gets instead (the others)."""
     from .weights import WeightOffload, WeightPlan, check_host_memory
     m, o = cfg.model, cfg.optimizer
-    if not _deepspeed_zero_optimizer_runs(ds_config):  # the rules refuse this already; never build half of it
+    if not (_deepspeed_zero_optimizer_runs(ds_config) or _deepspeed_fused_optimizer_runs(ds_config)):
+        # the rules refuse this already; never build half of it
         raise ConfigError([(f"{BLOCK}.model.cpu_offloading_weights", "weight offload needs DeepSpeed's ZeRO-1/2 "
-                                                                     "optimizer. Fix: set zero_optimization.stage 1 or 2.")])
+                            "optimizer, or its bf16/fp16 ZeRO-0 FP16_Optimizer. Fix: set zero_optimization.stage "
+                            "1 or 2.")])
+    if _deepspeed_fused_optimizer_runs(ds_config) and optimizer is not None:
+        raise ConfigError([(f"{BLOCK}.model.cpu_offloading_weights", f"under ZeRO-0 weight offload builds on the "
+                            f"FusedAdam DeepSpeed makes from the config's optimizer section, and a client optimizer "
+                            f"({type(optimizer).__name__}) was passed. Fix: drop optimizer= (describe it in the "
+                            "optimizer section), or use zero_optimization.stage 1 or 2.")])
     client = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     params = list(model_parameters) if model_parameters is not None else None
     n = m.cpu_offloading_num_layers
@@ -221,7 +254,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     weights = None
     if cfg.model.enabled and cfg.model.cpu_offloading_weights:
         weights, model_parameters = _plan_weights(cfg, ds_config, model, found, model_parameters, optimizer)
-        builds = _hybrid_zero(cfg.optimizer, weights)  # it owns the offloaded layers' step, with or without a cut
+        builds = _hybrid_for(ds_config, cfg.optimizer, weights)  # it owns the layers' step, with or without a cut
     if cfg.optimizer.enabled:
         from .optimizer import HybridDeviceOptimizer, prepare_hybrid_optimizer
         client_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and \
@@ -238,10 +271,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             if "optimizer" not in ds_config:
                 raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
-            if _deepspeed_zero_optimizer_runs(ds_config):
-                builds = _hybrid_zero(cfg.optimizer, weights)
-            elif _deepspeed_fused_optimizer_runs(ds_config):
-                builds = _hybrid_fused(cfg.optimizer)
+            if _deepspeed_zero_optimizer_runs(ds_config) or _deepspeed_fused_optimizer_runs(ds_config):
+                builds = _hybrid_for(ds_config, cfg.optimizer, weights)
             else:
                 params = model_parameters if model_parameters is not None else model.parameters()
                 optimizer, ds_config = prepare_hybrid_optimizer(ds_config, cfg.optimizer, params)
@@ -278,6 +309,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if weights is not None:
         weights.install()  # after the activation hooks: its saved-tensor hooks nest inside theirs
         state.weights = weights
+        if _deepspeed_fused_optimizer_runs(ds_config):
+            _keep_out_of_allreduce(engine, [p for L in weights.layers for p in L.params])
     if state.optimizer is not None and hasattr(state.optimizer, "refresh_masters_from_params"):
         _refresh_masters_after_load(engine, state.optimizer)  # the client-optimizer path (ZeRO-0, BF16_Optimizer)
     engine.ds_offload = state

@@ -88,7 +88,7 @@ def _free_port():
         return str(s.getsockname()[1])
 
 
-def run_child_until_inside_save(tmp_path, cfg, timeout=90):
+def run_child_until_inside_save(tmp_path, cfg, timeout=300):
     """Start the child, SIGKILL its process group once it is inside the second save; its stdout lines."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)

@@ -69,16 +69,24 @@ def cuda_graphs_source(ds):
 
 
 def _weights_rules(key, ds):
-    """Weight offload lives inside DeepSpeed's ZeRO-1/2 optimizer (it owns the offloaded layers' step there)."""
+    """Weight offload lives inside DeepSpeed's ZeRO-1/2 optimizer or its ZeRO-0 FP16_Optimizer (it owns the
+    offloaded layers' step there)."""
     errors = []
     zero = section(ds, "zero_optimization")
     stage = zero.get("stage", 0)
     bf16 = any(section(ds, k).get("enabled") for k in ("bf16", "bfloat16"))
+    low = bf16 or section(ds, "fp16").get("enabled")
     if stage == 3:
         errors.append((key, "ZeRO stage 3 partitions and offloads parameters itself. Fix: use "
                             "zero_optimization.offload_param with device \"cpu\" instead of cpu_offloading_weights."))
-    elif stage not in (1, 2):
-        errors.append((key, f"weight offload runs inside DeepSpeed's ZeRO-1/2 optimizer, and this config has ZeRO "
+    elif stage == 0 and not fused_optimizer_runs(stage, low, ds):
+        errors.append((key, "under ZeRO-0 weight offload runs inside DeepSpeed's FP16_Optimizer around the FusedAdam "
+                            "it builds from the optimizer section: bf16 or fp16, an optimizer section of type Adam or "
+                            "AdamW without torch_adam, no client optimizer (with fp32 the engine clips the gradients "
+                            "itself and would leave the offloaded ones out). Fix: enable bf16 (or fp16) and describe "
+                            "the optimizer in the optimizer section, or set zero_optimization.stage to 1 or 2."))
+    elif stage not in (0, 1, 2):
+        errors.append((key, f"weight offload runs inside DeepSpeed's ZeRO-0/1/2 optimizers, and this config has ZeRO "
                             f"stage {stage}. Fix: set zero_optimization.stage to 1 or 2."))
     elif bf16_optimizer_runs(stage, bf16, ds):
         errors.append((key, "bf16 ZeRO-1 with data_types.grad_accum_dtype fp32 runs DeepSpeed's BF16_Optimizer, not "

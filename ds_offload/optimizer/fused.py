@@ -16,6 +16,7 @@ schedule of tail_steps.py applies with any number of ranks. Checkpoints hold who
 moments (DeepSpeed's layout): they load with or without the block, and with another fraction.
 """
 import contextlib
+import math
 
 import torch
 from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
@@ -28,6 +29,7 @@ from .layout import unregister_host_buffers
 from .tail_steps import CpuTail, TailSteps, chunk_keys_of_params, install_waits
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+_WEIGHTS_KEY = "ds_offload_weights"  # the optimizer state of the offloaded layers, in the optimizer's state dict
 
 
 def _refuse(key, why):
@@ -38,6 +40,7 @@ class HybridFusedOptimizer(FP16_Optimizer):
     """DeepSpeed's FP16_Optimizer with the last `optimizer_offload_fraction` of each flat group on the CPU."""
 
     offload = None  # the OptimizerOffloadConfig, set by `fused_optimizer_class`
+    weights = None  # the WeightOffload of the first layers, or None, set by `fused_optimizer_class`
 
     def __init__(self, init_optimizer, *args, **kwargs):
         super().__init__(init_optimizer, *args, **kwargs)  # its zero-gradient warm-up step runs on whole groups
@@ -49,14 +52,15 @@ class HybridFusedOptimizer(FP16_Optimizer):
         if any(not g.get("bias_correction", True) for g in self.optimizer.param_groups):
             _refuse("optimizer.params.bias_correction", "the CPU Adam op always corrects the bias. Fix: remove "
                     "bias_correction: false.")
-        o = self.offload
+        o, w = self.offload, self.weights
         self.adamw_mode = bool(getattr(self.optimizer, "adam_w_mode", True))
         cuda = torch.cuda.is_available()
         sizes = [flat.numel() for flat in self.fp32_groups_flat]
-        cuts = [int(round(o.optimizer_offload_fraction * n)) for n in sizes]
+        fraction = o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0  # weights alone: no cut
+        cuts = [int(round(fraction * n)) for n in sizes]
         deferred = o.overlap_cpu_optimizer_d2h_h2d and any(cuts)
         mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
-        mode = fit_worker_mode_to_shared_memory(mode, sum(cuts))
+        mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
         shared = CpuAdamBackend.wants_shared_memory(o.use_torch_optimizer_for_cpu_offload, mode == "process")
@@ -86,18 +90,35 @@ class HybridFusedOptimizer(FP16_Optimizer):
             del flat, st, kept
         self.tail_steps = TailSteps(self.backend, deferred, cuda)
         self._hook_handles = []  # _hook_handles => forward and (load_)state_dict pre-hooks from attach()
-        if any(self.tails):
+        if w is not None:
+            w.allocate(shared, o.pin_cpu_params, self.deepspeed.seq_data_parallel_group)
+            w.register(self.backend)
+            w.tail_steps = self.tail_steps
+            w.boundary = self.deepspeed.is_gradient_accumulation_boundary
+        if any(self.tails) or w is not None:
             self.backend.start()
+        if w is not None:
+            self._warm_up_weights(w)
+
+    def _warm_up_weights(self, w):
+        """FP16_Optimizer's zero-gradient warm-up step (DeepSpeed takes it at set-up) for the offloaded layers
+        too, as plain DeepSpeed takes it for them: it counts one step and applies weight decay to the fp32
+        masters, not to the working weights."""
+        for bucket_id, layer, _lp, runs_of, _chunks, _scale in w.jobs(self.optimizer.param_groups, 1.0):
+            layer.grad.zero_()
+            self.backend.run(bucket_id, runs_of(0, layer.numel))
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, closure=None):
-        if not any(self.tails):
+        w = self.weights
+        if not any(self.tails) and w is None:
             return super().step(closure)
         self.tail_steps.land()
+        w_sq = w.finish_backward() if w is not None else 0.0  # the offloaded layers' share of the norm
         self.overflow = self.overflow_checker.has_overflow([p for g in self.fp16_groups for p in g
-                                                            if p.grad is not None])
-        if self.overflow:  # the whole step is skipped, both parts: DeepSpeed's rule
-            return self._skip_invalid_grad_norm()
+                                                            if p.grad is not None]) or not math.isfinite(w_sq)
+        if self.overflow:  # the whole step is skipped, every part: DeepSpeed's rule
+            return self._skip(w)
         grads, holders = [], []  # holders => detached aliases whose .grad is a group's flat gradient (for the norm)
         for group in self.fp16_groups:
             flat = _flatten_dense_tensors([torch.zeros(p.size(), dtype=torch.float32, device=p.device)
@@ -114,12 +135,15 @@ class HybridFusedOptimizer(FP16_Optimizer):
                                                                   grad_norm_mask=self.flatten_grad_norm_mask_list)])
         del holders
         if is_invalid_grad_norm(norm):
-            return self._skip_invalid_grad_norm()
+            return self._skip(w)
+        if w is not None:
+            norm = math.sqrt(norm ** 2 + w_sq)
         if self.loss_scale_config.use_grad_scaling:
             self._update_scale(False)
         self._global_grad_norm = norm / self.loss_scale_config.cur_scale
         inverse = float(1. / self.unscale_and_clip_grads(grads, norm, apply_scale=False))
-        jobs = []
+        # The offloaded layers first: they are the first the next forward needs.
+        jobs = w.jobs(self.optimizer.param_groups, inverse) if w is not None else []
         for i, (head, tail, flat) in enumerate(zip(self.fp32_groups_flat, self.tails, grads)):
             cut = head.numel()
             if tail is not None:  # its gradient leaves first, then the GPU head steps while it crosses
@@ -142,12 +166,20 @@ class HybridFusedOptimizer(FP16_Optimizer):
         self.has_executed_step = True
         return self.overflow
 
+    def _skip(self, w):
+        if w is not None:
+            w.discard_grads()
+        return self._skip_invalid_grad_norm()
+
     def _tail_id(self, i):
+        """The backend's bucket id of group `i`'s tail (tails were registered in group order, before layers)."""
         return sum(1 for t in self.tails[:i] if t is not None)
 
     def refresh_fp32_params(self):
         """The masters from the model's low-precision weights (after a module-only checkpoint load)."""
         self.tail_steps.land()
+        if self.weights is not None:
+            self.weights.refresh_masters()
         for head, tail, lp in zip(self.fp32_groups_flat, self.tails, self.fp16_groups_flat):
             head.data.copy_(lp[:head.numel()])
             if tail is not None:
@@ -188,10 +220,22 @@ class HybridFusedOptimizer(FP16_Optimizer):
     def state_dict(self):
         self.tail_steps.land()
         with self._whole_groups():
-            return super().state_dict()
+            sd = super().state_dict()
+        if self.weights is not None:
+            sd[_WEIGHTS_KEY] = self.weights.state_dict()
+        return sd
 
     def load_state_dict(self, state_dict, load_optimizer_states=True):
         self.tail_steps.land()
+        weights_sd = state_dict.get(_WEIGHTS_KEY)
+        if (self.weights is None) != (weights_sd is None):
+            raise ValueError(f"this checkpoint was saved {'without' if weights_sd is None else 'with'} "
+                             "cpu_offloading.model.cpu_offloading_weights, and under ZeRO-0 DeepSpeed's fp32 groups "
+                             "then hold other parameters. Fix: load it with the same weights offload, or only its "
+                             "weights with engine.load_checkpoint(..., load_module_only=True).")
+        if self.weights is not None:
+            self.weights.load_state_dict(weights_sd)
+            state_dict = {k: v for k, v in state_dict.items() if k != _WEIGHTS_KEY}
         with self._whole_groups() as heads:
             super().load_state_dict(state_dict, load_optimizer_states)
             for i, (head, tail) in enumerate(zip(heads, self.tails)):
@@ -236,6 +280,8 @@ class HybridFusedOptimizer(FP16_Optimizer):
         self.tail_steps.land()
 
     def close(self):
+        if self.weights is not None:
+            self.weights.close()
         for h in self._hook_handles:
             h.remove()
         self._hook_handles = []
@@ -243,20 +289,21 @@ class HybridFusedOptimizer(FP16_Optimizer):
             self.tail_steps.close()
         finally:
             self.backend.close()
-            unregister_host_buffers([t for t in self.tails if t is not None])
+            layers = self.weights.layers if self.weights is not None else []
+            unregister_host_buffers([t for t in self.tails if t is not None] + layers)
 
 
-def fused_optimizer_class(settings):
-    """HybridFusedOptimizer bound to the block's `cpu_offloading.optimizer` settings."""
-    return type("HybridFusedOptimizer", (HybridFusedOptimizer,), {"offload": settings})
+def fused_optimizer_class(settings, weights=None):
+    """HybridFusedOptimizer bound to the block's `cpu_offloading.optimizer` settings (and a WeightOffload)."""
+    return type("HybridFusedOptimizer", (HybridFusedOptimizer,), {"offload": settings, "weights": weights})
 
 
 @contextlib.contextmanager
-def deepspeed_builds_hybrid_fused(settings):
+def deepspeed_builds_hybrid_fused(settings, weights=None):
     """While active, DeepSpeed's engine builds its ZeRO-0 FP16_Optimizer (bf16, fp16) as a HybridFusedOptimizer."""
     import deepspeed.runtime.engine as ds_engine
     original = ds_engine.FP16_Optimizer
-    ds_engine.FP16_Optimizer = fused_optimizer_class(settings)
+    ds_engine.FP16_Optimizer = fused_optimizer_class(settings, weights)
     try:
         yield
     finally:

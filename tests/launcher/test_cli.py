@@ -101,10 +101,14 @@ def test_validate_repo_configs(tmp_path):
     configs = sorted((REPO / "configs").glob("*.json"))
     res = run_cli("validate", *configs)
     assert res.exit_code == 0, res.output
-    # What initialize refuses, validate refuses: weight offload under ZeRO-0.
-    bad = json.loads((REPO / "configs" / "weights.json").read_text())
-    bad["zero_optimization"] = {"stage": 0}
-    res = run_cli("validate", str(write(tmp_path, "weights_zero0.json", bad)))
+    # What initialize accepts, validate accepts, and the reverse: weight offload under bf16 ZeRO-0 (its
+    # FP16_Optimizer), not under fp32 ZeRO-0.
+    ok = json.loads((REPO / "configs" / "weights.json").read_text())
+    ok["zero_optimization"] = {"stage": 0}
+    assert ok["bf16"]["enabled"]
+    assert run_cli("validate", str(write(tmp_path, "weights_zero0.json", ok))).exit_code == 0
+    bad = {**ok, "bf16": {"enabled": False}}
+    res = run_cli("validate", str(write(tmp_path, "weights_zero0_fp32.json", bad)))
     assert res.exit_code == 1 and "cpu_offloading.model.cpu_offloading_weights" in res.output
     assert "zero_optimization.stage to 1 or 2" in res.output
 
