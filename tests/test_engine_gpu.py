@@ -1,6 +1,7 @@
 """`ds_offload.initialize` end to end on a GPU, every mode, against plain DeepSpeed of the same config.
 
-bf16, ZeRO-1 and ZeRO-2, gradient clipping on: the engine path users train with. Kernels are
+bf16, ZeRO-0 (DeepSpeed's FP16_Optimizer), ZeRO-1 and ZeRO-2, gradient clipping on: the engine path users
+train with. Kernels are
 deterministic on both sides, and the noise floor (two plain runs) is asserted beside the parity.
 """
 import gc
@@ -62,7 +63,7 @@ def train(init, config):
     return losses, engine
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_mode_matches_plain_deepspeed(dist, stage, mode):
     import deepspeed
@@ -86,9 +87,10 @@ def test_every_mode_matches_plain_deepspeed(dist, stage, mode):
     state.close()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_optimizer_offload_frees_12_bytes_per_offloaded_element(dist, stage):
-    """Through initialize under ZeRO-1/2: the fp32 masters and both moments of the offloaded share leave the GPU."""
+    """Through initialize under ZeRO-0/1/2 (FP16_Optimizer, ZeRO optimizer): the fp32 masters and both moments of
+    the offloaded share leave the GPU."""
     import deepspeed
     held = {}
     for fraction in (None, 0.5):

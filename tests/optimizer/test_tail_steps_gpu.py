@@ -1,4 +1,4 @@
-"""The deferred CPU share under ZeRO-1/2 on a GPU: races and reads.
+"""The deferred CPU share under ZeRO-1/2 and bf16 ZeRO-0 (FP16_Optimizer) on a GPU: races and reads.
 
 Each race test delays one side (the compute stream before `step()`, the weight-copy stream, the CPU step)
 so that a missing wait would make the deferred run read other numbers than the inline one; the two runs
@@ -57,7 +57,7 @@ def _close(*engines):
         e.ds_offload.close()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deferred_equals_inline(dist, stage):
     inline, ref = train(config(False, stage))
     deferred, engine = train(config(True, stage))
@@ -68,18 +68,20 @@ def test_deferred_equals_inline(dist, stage):
     _close(ref, engine)
 
 
-def test_gradient_copy_waits_for_the_compute_stream(dist):
-    """The partition's gradient is flattened on the compute stream inside step(); the side stream's copy of
-    it to the host must wait for that, however late the compute stream runs."""
-    inline, ref = train(config(False))
-    deferred, engine = train(config(True), before_step=lambda: torch.cuda._sleep(SLEEP))
+@pytest.mark.parametrize("stage", [0, 1])
+def test_gradient_copy_waits_for_the_compute_stream(dist, stage):
+    """The partition's (group's) gradient is flattened on the compute stream inside step(); the side stream's
+    copy of it to the host must wait for that, however late the compute stream runs."""
+    inline, ref = train(config(False, stage))
+    deferred, engine = train(config(True, stage), before_step=lambda: torch.cuda._sleep(SLEEP))
     assert deferred == inline
     _close(ref, engine)
 
 
-def test_forward_waits_for_the_weight_copy_stream(dist, monkeypatch):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_forward_waits_for_the_weight_copy_stream(dist, monkeypatch, stage):
     """Weight copies delayed on their stream: the next forward must wait for them on the device."""
-    inline, ref = train(config(False))
+    inline, ref = train(config(False, stage))
     run = T.TailSteps._run
 
     def late_copies(self, jobs):
@@ -87,7 +89,7 @@ def test_forward_waits_for_the_weight_copy_stream(dist, monkeypatch):
             torch.cuda._sleep(SLEEP)
         return run(self, jobs)
     monkeypatch.setattr(T.TailSteps, "_run", late_copies)
-    deferred, engine = train(config(True))
+    deferred, engine = train(config(True, stage))
     assert deferred == inline
     _close(ref, engine)
 

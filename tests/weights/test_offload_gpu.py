@@ -60,7 +60,7 @@ def _close(*engines):
 
 
 @pytest.mark.parametrize("mode", ["weights", "weights_activations", "weights_optimizer"])
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_parity_with_plain_deepspeed(dist, stage, mode):
     import deepspeed
     plain, e0 = train(config(stage, weights=False), init=deepspeed.initialize)
