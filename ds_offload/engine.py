@@ -142,8 +142,8 @@ def _refresh_masters_after_load(engine, hybrid):
 def _deepspeed_zero_optimizer_runs(ds_config):
     """Whether DeepSpeed will step with its ZeRO-1/2 optimizer (the path where the fp32 partition is cut).
 
-    ZeRO-0 (FP16/BF16 wrappers or the bare optimizer) and bf16 ZeRO-1 with fp32 gradient accumulation
-    (DeepSpeed's BF16_Optimizer) get the hybrid as a client optimizer instead.
+    ZeRO-0 (FP16_Optimizer, the bare optimizer) and bf16 ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer)
+    are the other predicates' (`_cut_runs`); what none of them covers gets the hybrid as a client optimizer.
     """
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     bf16 = any((ds_config.get(k) or {}).get("enabled") for k in ("bf16", "bfloat16"))
@@ -164,11 +164,28 @@ def _hybrid_fused(settings, weights=None):
     return deepspeed_builds_hybrid_fused(settings, weights)
 
 
+def _deepspeed_bf16_optimizer_runs(ds_config):
+    """Whether DeepSpeed will step with its BF16_Optimizer (bf16 ZeRO-1 with fp32 gradient accumulation)."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    bf16 = any((ds_config.get(k) or {}).get("enabled") for k in ("bf16", "bfloat16"))
+    return bf16_optimizer_runs(stage, bf16, ds_config)
+
+
 def _hybrid_for(ds_config, settings, weights=None):
-    """The optimizer class DeepSpeed must build for this config: its ZeRO-1/2 optimizer or its FP16_Optimizer."""
+    """The optimizer class DeepSpeed must build for this config: its ZeRO-1/2 optimizer, its FP16_Optimizer or
+    its BF16_Optimizer, each with the fp32 copy cut (weights: not under BF16_Optimizer, the rules refuse it)."""
     if _deepspeed_fused_optimizer_runs(ds_config):
         return _hybrid_fused(settings, weights)
+    if _deepspeed_bf16_optimizer_runs(ds_config):
+        from .optimizer.bf16 import deepspeed_builds_hybrid_bf16
+        return deepspeed_builds_hybrid_bf16(settings)
     return _hybrid_zero(settings, weights)
+
+
+def _cut_runs(ds_config):
+    """Whether DeepSpeed's own optimizer for this config is one ds_offload cuts (else: the client path)."""
+    return (_deepspeed_zero_optimizer_runs(ds_config) or _deepspeed_fused_optimizer_runs(ds_config)
+            or _deepspeed_bf16_optimizer_runs(ds_config))
 
 
 def _keep_out_of_allreduce(engine, params):
@@ -271,7 +288,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             if "optimizer" not in ds_config:
                 raise ConfigError([("optimizer", "optimizer offload needs an optimizer section. Fix: add "
                                                  "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": ...}}.")])
-            if _deepspeed_zero_optimizer_runs(ds_config) or _deepspeed_fused_optimizer_runs(ds_config):
+            if _cut_runs(ds_config):
                 builds = _hybrid_for(ds_config, cfg.optimizer, weights)
             else:
                 params = model_parameters if model_parameters is not None else model.parameters()
@@ -285,12 +302,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             args=_args_without_config(args), model=model, optimizer=optimizer, model_parameters=model_parameters,
             training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
     if (cfg.optimizer.enabled and state.optimizer is None) or weights is not None:
+        from .optimizer.bf16 import HybridBF16Optimizer
         from .optimizer.fused import HybridFusedOptimizer
         from .optimizer.zero import HybridZeroOptimizer
-        if not isinstance(engine.optimizer, (HybridZeroOptimizer, HybridFusedOptimizer)):
-            raise RuntimeError(f"ds_offload: DeepSpeed built {type(engine.optimizer).__name__}, not its ZeRO-1/2 "
-                               "optimizer or FP16_Optimizer, so the optimizer offload did not take; this is a bug, "
-                               "please report it with your config")
+        if not isinstance(engine.optimizer, (HybridZeroOptimizer, HybridFusedOptimizer, HybridBF16Optimizer)):
+            raise RuntimeError(f"ds_offload: DeepSpeed built {type(engine.optimizer).__name__}, not the optimizer "
+                               "ds_offload cuts (ZeRO-1/2, FP16_Optimizer, BF16_Optimizer), so the optimizer offload "
+                               "did not take; this is a bug, please report it with your config")
         state.optimizer = engine.optimizer
         state.optimizer.attach(engine.module)
 
@@ -312,7 +330,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         if _deepspeed_fused_optimizer_runs(ds_config):
             _keep_out_of_allreduce(engine, [p for L in weights.layers for p in L.params])
     if state.optimizer is not None and hasattr(state.optimizer, "refresh_masters_from_params"):
-        _refresh_masters_after_load(engine, state.optimizer)  # the client-optimizer path (ZeRO-0, BF16_Optimizer)
+        _refresh_masters_after_load(engine, state.optimizer)  # the client-optimizer path (fp32 ZeRO-0, torch_adam)
     engine.ds_offload = state
     if _rank0():
         logger.warning(state.summary())

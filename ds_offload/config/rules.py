@@ -45,8 +45,8 @@ def section(ds, key):
 
 def bf16_optimizer_runs(stage, bf16, ds):
     """Whether DeepSpeed 0.19 wraps the optimizer in its BF16_Optimizer rather than its ZeRO-1/2 optimizer:
-    bf16 ZeRO-1 with `data_types.grad_accum_dtype` fp32 (it keeps fp32 gradient accumulators, and the fp32
-    masters stay with it)."""
+    bf16 ZeRO-1 with `data_types.grad_accum_dtype` fp32 (it keeps fp32 gradient accumulators; bf16.py cuts its
+    fp32 partitions)."""
     accum = str(section(ds, "data_types").get("grad_accum_dtype") or "").lower()
     return bool(bf16) and stage == 1 and accum in ("fp32", "float32", "float")
 

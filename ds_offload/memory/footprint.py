@@ -176,8 +176,8 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
 
     `loop`: "deepspeed" for `ds_offload.initialize` (under DeepSpeed's ZeRO-1/2 optimizer the offloaded share's
     fp32 master, moments and fp32 gradient live on the CPU: 12 bytes per element freed, as measured; the same
-    under bf16/fp16 ZeRO-0, whose FP16_Optimizer is cut the same way; under fp32 ZeRO-0, `torch_adam` and
-    BF16_Optimizer the wrapper keeps the fp32 masters, so 8); "torch" for a plain loop with
+    under bf16/fp16 ZeRO-0 (FP16_Optimizer) and BF16_Optimizer, cut the same way; under fp32 ZeRO-0 and
+    `torch_adam` the wrapper keeps the fp32 masters, so 8); "torch" for a plain loop with
     `HybridDeviceOptimizer` / `ActivationOffloader` (with bf16 parameters the optimizer holds the fp32 masters
     too, so the offloaded share frees 12 bytes, and its fp32 gradients are made on the CPU).
     Checked against measured H200 peaks in both loops (`benchmarks/estimate_check.py`).
@@ -235,8 +235,8 @@ def estimate(spec: ModelSpec, config: Optional[OffloadConfig] = None, micro_batc
     if o.optimizer_cpu_offload:
         f = float(o.optimizer_offload_fraction)
         share = (n - weights_n) / (gpus if stage >= 1 else 1)
-        cut = (stage in (1, 2) and not bf16_optimizer_runs(stage, precision == "bf16", ds)) or \
-            fused_optimizer_runs(stage, mixed, ds)  # DeepSpeed's ZeRO-1/2 optimizer or its ZeRO-0 FP16_Optimizer
+        # DeepSpeed's ZeRO-1/2 optimizer, its BF16_Optimizer (config optimizer) or its ZeRO-0 FP16_Optimizer
+        cut = stage in (1, 2) or fused_optimizer_runs(stage, mixed, ds)
         if loop == "deepspeed" and mixed and cut:
             gpu.optimizer -= f * share * 12         # the cut partition's or flat group's masters and moments
         elif loop == "deepspeed" or not mixed:

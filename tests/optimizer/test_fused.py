@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dist")]  # DeepSpeed en
 CFG = GPTConfig(vocab_size=256, hidden=32, num_layers=3, num_heads=4, seq_len=16)
 
 
-def config(fraction=None, dtype="bf16", clip=1.0, gas=1, overlap=False, torch_cpu=False, lr=1e-3):
+def config(fraction=None, dtype="bf16", clip=0.05, gas=1, overlap=False, torch_cpu=False, lr=1e-3):
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas, "gradient_clipping": clip,
            "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9, dtype: {"enabled": True},
            "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01}}}
@@ -56,7 +56,7 @@ def masters(engine):
     return [f.detach().cpu() for f in opt.fp32_groups_flat]
 
 
-@pytest.mark.parametrize("gas,clip", [(1, 1.0), (4, 1.0), (1, 0.0)])
+@pytest.mark.parametrize("gas,clip", [(1, 0.05), (4, 0.05), (1, 0.0)])  # the tiny model's norm is ~1: 0.05 clips
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_parity_with_plain_deepspeed(fraction, gas, clip):
     # The fp32 masters after one step agree to fp32 rounding (two Adam kernels: FusedAdam, CPU Adam). Losses over

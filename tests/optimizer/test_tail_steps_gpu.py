@@ -1,4 +1,5 @@
-"""The deferred CPU share under ZeRO-1/2 and bf16 ZeRO-0 (FP16_Optimizer) on a GPU: races and reads.
+"""The deferred CPU share under ZeRO-1/2, bf16 ZeRO-0 (FP16_Optimizer) and BF16_Optimizer on a GPU: races and
+reads.
 
 Each race test delays one side (the compute stream before `step()`, the weight-copy stream, the CPU step)
 so that a missing wait would make the deferred run read other numbers than the inline one; the two runs
@@ -30,8 +31,10 @@ def deterministic(monkeypatch):
 
 
 def config(overlap, stage=1, fraction=0.75):
-    return {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "bf16": {"enabled": True},
-            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
+    """`stage` "1a": bf16 ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer)."""
+    accum = {"data_types": {"grad_accum_dtype": "fp32"}} if stage == "1a" else {}
+    return {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "bf16": {"enabled": True}, **accum,
+            "zero_optimization": {"stage": 1 if stage == "1a" else stage}, "steps_per_print": 10 ** 9,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
             "cpu_offloading": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": fraction,
                                              "overlap_cpu_optimizer_d2h_h2d": overlap}}}
@@ -57,7 +60,7 @@ def _close(*engines):
         e.ds_offload.close()
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, "1a", 2])
 def test_deferred_equals_inline(dist, stage):
     inline, ref = train(config(False, stage))
     deferred, engine = train(config(True, stage))
@@ -68,7 +71,7 @@ def test_deferred_equals_inline(dist, stage):
     _close(ref, engine)
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [0, 1, "1a"])
 def test_gradient_copy_waits_for_the_compute_stream(dist, stage):
     """The partition's (group's) gradient is flattened on the compute stream inside step(); the side stream's
     copy of it to the host must wait for that, however late the compute stream runs."""
@@ -78,7 +81,7 @@ def test_gradient_copy_waits_for_the_compute_stream(dist, stage):
     _close(ref, engine)
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [0, 1, "1a"])
 def test_forward_waits_for_the_weight_copy_stream(dist, monkeypatch, stage):
     """Weight copies delayed on their stream: the next forward must wait for them on the device."""
     inline, ref = train(config(False, stage))

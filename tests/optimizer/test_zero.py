@@ -45,7 +45,7 @@ def train(cfg, steps=20, gas=1):
 
 
 @pytest.mark.parametrize("gas", [1, 4])
-@pytest.mark.parametrize("clip", [1.0, 0.0])
+@pytest.mark.parametrize("clip", [0.05, 0.0])  # the tiny model's norm is ~1: 0.05 clips
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_parity_with_plain_deepspeed(stage, dtype, clip, gas):

@@ -16,7 +16,7 @@ CFG = GPTConfig(vocab_size=256, hidden=32, num_layers=3, num_heads=4, seq_len=16
 N = 2
 
 
-def config(stage, dtype="fp32", gas=1, weights=True, fraction=None, overlap=False, clip=1.0):
+def config(stage, dtype="fp32", gas=1, weights=True, fraction=None, overlap=False, clip=0.05):
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas, "gradient_clipping": clip,
            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
