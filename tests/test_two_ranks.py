@@ -28,7 +28,7 @@ def _worker(rank, world, port, out, block, stage, dtype):
     deepspeed.init_distributed(dist_backend="gloo")
     cfg_model = GPTConfig(vocab_size=256, hidden=32, num_layers=3, num_heads=4, seq_len=16)
     mb = GLOBAL_BATCH // world
-    cfg = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+    cfg = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": 1, "gradient_clipping": 0.05,
            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
     if dtype == "bf16":
