@@ -23,12 +23,11 @@ from deepspeed.runtime.utils import (all_gather_dp_groups, clip_tensors_by_globa
                                      is_invalid_grad_norm)
 
 from ..errors import ConfigError
-from . import fp32_views
+from . import cut, fp32_views
 from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
 from .layout import unregister_host_buffers
 from .tail_steps import CpuTail, TailSteps, chunk_keys_of_params, install_waits
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
 _FP32_PARTITIONS = "single_partition_of_fp32_groups"  # DeepSpeed's state-dict key of the fp32 partitions
 
 
@@ -165,33 +164,13 @@ class HybridBF16Optimizer(BF16_Optimizer):
     @contextlib.contextmanager
     def _whole_partitions(self):
         """Swap in whole fp32 partitions and whole optimizer state (CPU tensors), in DeepSpeed's layout."""
-        heads = list(self.fp32_groups_flat_partition)
-        wholes = list(heads)
-        saved = {}  # head => its optimizer state, out of the way while the whole partition stands in
-        for i, (head, tail) in enumerate(zip(heads, self.tails)):
-            if tail is None:
-                continue
-            wholes[i] = torch.cat([head.detach().cpu(), tail.master])
-            st = self.optimizer.state.pop(head, {})
-            saved[head] = st
-            full = {"step": int(st["step"]) if "step" in st else tail.step}
-            for key in _MOMENTS:
-                part = st[key].detach().cpu() if key in st else torch.zeros(head.numel())
-                full[key] = torch.cat([part, getattr(tail, key)])
-            self.optimizer.state[wholes[i]] = full
-            self.optimizer.param_groups[i]["params"] = [wholes[i]]
-        self.fp32_groups_flat_partition = wholes  # a new list: the state dict keeps it
-        try:
-            yield heads
-        finally:
-            for i, (head, tail) in enumerate(zip(heads, self.tails)):
-                if tail is None:
-                    continue
-                self.optimizer.state.pop(wholes[i], None)
-                if head not in self.optimizer.state and saved.get(head):  # a load sets the head's state itself
-                    self.optimizer.state[head] = saved[head]
-                self.optimizer.param_groups[i]["params"] = [head]
-            self.fp32_groups_flat_partition = heads
+        heads = self.fp32_groups_flat_partition
+        with cut.whole_state(self.optimizer, heads, self.tails) as wholes:
+            self.fp32_groups_flat_partition = wholes  # a new list: the state dict keeps it, the optimizer gets `heads` back
+            try:
+                yield heads
+            finally:
+                self.fp32_groups_flat_partition = heads
 
     def state_dict(self):
         self.tail_steps.land()
@@ -207,30 +186,13 @@ class HybridBF16Optimizer(BF16_Optimizer):
         with self._whole_partitions() as heads:
             super().load_state_dict(state_dict_list, None, load_optimizer_states, load_from_fp32_weights)
             for i, (head, tail) in enumerate(zip(heads, self.tails)):
-                if tail is None:
-                    continue
-                whole = self.fp32_groups_flat_partition[i]
-                head.data.copy_(whole[:tail.start])
-                tail.master.copy_(whole.detach()[tail.start:])
-                st = self.optimizer.state.get(whole, {})
-                if load_optimizer_states and st:
-                    tail.step = int(st.get("step", 0))
-                    kept = {"step": st["step"]} if "step" in st else {}
-                    for key in _MOMENTS:
-                        getattr(tail, key).copy_(st[key].detach()[tail.start:])
-                        kept[key] = st[key].detach()[:tail.start].to(head.device).clone()
-                    if head.numel():
-                        self.optimizer.state[head] = kept
+                if tail is not None:
+                    cut.take_apart(self.optimizer, self.fp32_groups_flat_partition[i], head, tail, load_optimizer_states)
         self._unlink_hp_params()
 
     # ------------------------------------------------------------------------------------ the rest
     def split_info(self):
-        total = sum(h.numel() + (t.numel if t is not None else 0)
-                    for h, t in zip(self.fp32_groups_flat_partition, self.tails))
-        cpu = sum(t.numel for t in self.tails if t is not None)
-        return {"total_numel": total, "cpu_numel": cpu, "gpu_numel": total - cpu,
-                "num_buckets": sum(t is not None for t in self.tails),
-                "fraction": self.offload.optimizer_offload_fraction, "deferred": self.tail_steps.deferred}
+        return cut.split_info(self.fp32_groups_flat_partition, self.tails, self.offload, self.tail_steps.deferred)
 
     def attach(self, module):
         """With the deferred schedule, make `module`'s forwards wait for the chunks their own parameters are in,

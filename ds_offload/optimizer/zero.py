@@ -25,12 +25,11 @@ from deepspeed import comm as dist
 from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
 from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
-from . import fp32_views
+from . import cut, fp32_views
 from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
 from .layout import unregister_host_buffers
 from .tail_steps import CpuTail, TailSteps, chunk_keys_of_params, install_waits
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
 _WEIGHTS_KEY = "ds_offload_weights"  # the optimizer state of the offloaded layers, in the optimizer's state dict
 
 
@@ -235,32 +234,12 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def _whole_partitions(self):
         """Swap in whole fp32 partitions and whole optimizer state (CPU tensors), in DeepSpeed's layout."""
         heads = list(self.single_partition_of_fp32_groups)
-        saved = {}  # head => its optimizer state, out of the way while the whole partition stands in
-        for i, (head, tail) in enumerate(zip(heads, self.tails)):
-            if tail is None:
-                continue
-            whole = torch.cat([head.detach().cpu(), tail.master])
-            st = self.optimizer.state.pop(head, {})
-            saved[head] = st
-            self.single_partition_of_fp32_groups[i] = whole
-            self.optimizer.param_groups[i]["params"] = [whole]
-            full = {"step": int(st["step"]) if "step" in st else tail.step}
-            for key in _MOMENTS:
-                part = st[key].detach().cpu() if key in st else torch.zeros(head.numel())
-                full[key] = torch.cat([part, getattr(tail, key)])
-            self.optimizer.state[whole] = full
-        try:
-            yield heads
-        finally:
-            for i, (head, tail) in enumerate(zip(heads, self.tails)):
-                if tail is None:
-                    continue
-                whole = self.single_partition_of_fp32_groups[i]
-                self.optimizer.state.pop(whole, None)
-                if head not in self.optimizer.state and saved.get(head):  # a load sets the head's state itself
-                    self.optimizer.state[head] = saved[head]
-                self.single_partition_of_fp32_groups[i] = head
-                self.optimizer.param_groups[i]["params"] = [head]
+        with cut.whole_state(self.optimizer, heads, self.tails) as wholes:
+            self.single_partition_of_fp32_groups[:] = wholes
+            try:
+                yield heads
+            finally:
+                self.single_partition_of_fp32_groups[:] = heads
 
     def state_dict(self):
         self.tail_steps.land()
@@ -292,29 +271,14 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         with self._whole_partitions() as heads:
             super().load_state_dict(state_dict_list, load_optimizer_states, load_from_fp32_weights)
             for i, (head, tail) in enumerate(zip(heads, self.tails)):
-                if tail is None:
-                    continue
-                whole = self.single_partition_of_fp32_groups[i]
-                head.data.copy_(whole[:tail.start])
-                tail.master.copy_(whole.detach()[tail.start:])
-                st = self.optimizer.state.get(whole, {})
-                if load_optimizer_states and st:
-                    tail.step = int(st.get("step", 0))
-                    kept = {"step": st["step"]} if "step" in st else {}
-                    for key in _MOMENTS:
-                        getattr(tail, key).copy_(st[key].detach()[tail.start:])
-                        kept[key] = st[key].detach()[:tail.start].to(head.device).clone()
-                    self.optimizer.state[head] = kept
+                if tail is not None:
+                    cut.take_apart(self.optimizer, self.single_partition_of_fp32_groups[i], head, tail,
+                                   load_optimizer_states)
         self._unlink_hp_params()
 
     # ------------------------------------------------------------------------------------ reporting
     def split_info(self):
-        total = sum(h.numel() + (t.numel if t is not None else 0)
-                    for h, t in zip(self.single_partition_of_fp32_groups, self.tails))
-        cpu = sum(t.numel for t in self.tails if t is not None)
-        return {"total_numel": total, "cpu_numel": cpu, "gpu_numel": total - cpu,
-                "num_buckets": sum(t is not None for t in self.tails),
-                "fraction": self.offload.optimizer_offload_fraction, "deferred": self.tail_steps.deferred}
+        return cut.split_info(self.single_partition_of_fp32_groups, self.tails, self.offload, self.tail_steps.deferred)
 
     # ------------------------------------------------------------------------ deferred weight updates
     def attach(self, module):
