@@ -110,11 +110,18 @@ def launch(r, args, work, port):
     t0 = time.perf_counter()
     rec = dict(key=key(r), example=ex, stage=stage, mode=mode, gpus=gpus, bind=bind, cmd=" ".join(cmd[2:]))
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=REPO)
-        rec["wall_s"] = round(time.perf_counter() - t0, 1)
-        if p.returncode != 0 or not os.path.exists(out):
-            return dict(rec, status="error", error=f"exit {p.returncode}", log_tail=(p.stdout + p.stderr)[-2500:])
+        for attempt in (1, 2):  # a launch that died without its results is tried once more, and says so
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=REPO)
+            rec["wall_s"] = round(time.perf_counter() - t0, 1)
+            if os.path.exists(out):
+                break
+            failed = dict(error=f"exit {p.returncode}", log_tail=(p.stdout + p.stderr)[-2500:])
+            if attempt == 2:
+                return dict(rec, status="error", first_try=rec.get("first_try"), **failed)
+            rec["first_try"] = failed
         res = json.load(open(out))
+        if p.returncode != 0:  # the results were written; the crash came after them, at teardown
+            rec["exit_after_results"] = dict(code=p.returncode, log_tail=(p.stdout + p.stderr)[-1000:])
     except subprocess.TimeoutExpired:
         return dict(rec, status="timeout", error=f"no result within {args.timeout} s")
     try:
