@@ -15,10 +15,12 @@ STAGES = (1, 2)
 FRACTIONS = (0.25, 0.5, 1.0)
 
 
-def engine_case(shape, warm, steps, stage, block=None, layer_bytes=False, **facts):
+def engine_case(shape, warm, steps, stage, block=None, layer_bytes=False, speculate=True, **facts):
     """Plain DeepSpeed (`block` None) or ds_offload.initialize with the `cpu_offloading` block; `facts` (the
-    mode's n, f, acts) only travel into the record, for the report's bounds."""
+    mode's n, f, acts) only travel into the record, for the report's bounds. `speculate=False`: the ZeRO-1/2
+    optimizer's CPU step waits for the end of backward (speculate.py off), to compare."""
     H.init_dist_env()
+    from ds_offload.optimizer.zero import HybridZeroOptimizer
     if block is None:
         import deepspeed as init_mod
     else:
@@ -26,8 +28,12 @@ def engine_case(shape, warm, steps, stage, block=None, layer_bytes=False, **fact
     config = {"gradient_clipping": 1.0}
     if block is not None:
         config["cpu_offloading"] = block
-    return H.deepspeed_engine_case(init_mod.initialize, shape, warm, steps, {"stage": stage},
-                                   layer_bytes=layer_bytes, extra=dict(stage=stage, **facts), **config)
+    HybridZeroOptimizer.speculate = speculate
+    try:
+        return H.deepspeed_engine_case(init_mod.initialize, shape, warm, steps, {"stage": stage},
+                                       layer_bytes=layer_bytes, extra=dict(stage=stage, **facts), **config)
+    finally:
+        HybridZeroOptimizer.speculate = True
 
 
 def act_block(n):
@@ -79,8 +85,13 @@ def members(shape, stage):
             block=act_block(n), n=n)
     for f in FRACTIONS:
         add(f"opt_f{int(f * 100)}", "engine_cases:engine_case", "opt",
-            f"ds_offload {what}, optimizer f={f} (CPU step behind the next forward)", 14 + int(8 * f),
-            block=opt_block(f), f=f)
+            f"ds_offload {what}, optimizer f={f} (CPU step during backward where it stands, else after)",
+            14 + int(8 * f), block=opt_block(f), f=f)
+    if H.shapes()[shape].get("fresh"):  # the same without speculation, in the same process
+        for f in FRACTIONS:
+            add(f"opt_f{int(f * 100)}_after", "engine_cases:engine_case", "opt",
+                f"ds_offload {what}, optimizer f={f}, speculation off (CPU step after backward, behind the "
+                f"next forward)", 14 + int(8 * f), block=opt_block(f), f=f, speculate=False)
     for n in wn:
         add(f"w{n}", "engine_cases:engine_case", "weights", f"ds_offload {what}, weights N={n}", 3 + 12 * n // wn[-1],
             block=weights_block(n), n=n)

@@ -46,7 +46,7 @@ def begin_member():
 
 def shapes():
     from ds_offload.models import GPT_SHAPES
-    return {
+    out = {
         # name: (config, micro-batch, activation layer counts, layer counts of the issue's targets)
         "reference": dict(cfg=GPT_SHAPES["reference-gpt"], mb=8, act_n=(2, 4, 8, 15)),
         "wide": dict(cfg=GPT_SHAPES["wide-gpt"], mb=2, act_n=(2, 4, 7)),
@@ -57,6 +57,13 @@ def shapes():
         "llama-tiny": dict(hf=dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2), seq=32, mb=2, act_n=(1, 2)),
     }
+    # "-fresh": the same model with a new batch every step, as in training. With one batch repeated, the model
+    # memorizes it and its gradient norm grows past `gradient_clipping: 1.0` within two steps (grad_norms.py);
+    # with new batches the reference GPT's stays below it. That decides whether a CPU step taken during backward
+    # stands (ds_offload/optimizer/speculate.py), so the engine tables show both.
+    for name in ("reference", "llama", "tiny"):
+        out[name + "-fresh"] = dict(out[name], fresh=True)
+    return out
 
 
 def is_hf(shape):
@@ -113,14 +120,21 @@ def build_model(shape, dtype=torch.float32):
     return m
 
 
-def batch(shape):
+def batch(shape, step=0):
     s = shapes()[shape]
     if "hf" in s:
-        g = torch.Generator().manual_seed(1234)
+        g = torch.Generator().manual_seed(1234 + step)
         ids = torch.randint(0, s["hf"]["vocab_size"], (s["mb"], s["seq"]), generator=g).to(device())
         return ids, ids
     from ds_offload.models import synthetic_batch
-    return synthetic_batch(s["cfg"], s["mb"], step=0, device=device())
+    return synthetic_batch(s["cfg"], s["mb"], step=step, device=device())
+
+
+def batches(shape, n):
+    """The batches of `n` steps: one repeated, or for a "-fresh" shape a new one each step (made before timing)."""
+    if shapes()[shape].get("fresh"):
+        return [batch(shape, k) for k in range(n)]
+    return [batch(shape)] * n
 
 
 def tokens_per_step(shape):
@@ -263,15 +277,21 @@ def deepspeed_engine_case(init, shape, warm, steps, zero, extra=None, prepare=No
     t0 = time.perf_counter()
     eng, _, _, _ = init(model=m, model_parameters=m.parameters(), config=cfg)
     init_s = time.perf_counter() - t0
-    idx, tgt = batch(shape)
+    data = batches(shape, warm + steps)
+    idx, tgt = data[0]
+    taken = []
 
     def step():
-        loss = loss_of(eng, shape, idx, tgt)
+        x, y = data[len(taken) % len(data)]
+        taken.append(1)
+        loss = loss_of(eng, shape, x, y)
         eng.backward(loss)
         eng.step()
         return loss.detach()
     try:
-        res = measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), **(extra or {})))
+        res = measure(step, shape, warm, steps, extra=dict(init_s=round(init_s, 1), **(extra or {}),
+                                                          batches="new each step" if shapes()[shape].get("fresh")
+                                                          else "the same every step"))
         res.update(offload_facts(eng))
         if layer_bytes:
             res["saved_bytes_per_layer"] = saved_bytes_per_layer(eng, shape, idx, tgt)
@@ -292,7 +312,14 @@ def offload_facts(eng):
     if st.weights is not None:
         out["weights_offloaded_params"] = st.weights.numel
     if st.optimizer is not None and hasattr(st.optimizer, "split_info"):
-        out["optimizer_cpu_numel"] = st.optimizer.split_info()["cpu_numel"]
+        info = st.optimizer.split_info()
+        out["optimizer_cpu_numel"] = info["cpu_numel"]
+        for key in ("speculative", "rollbacks"):
+            if key in info:
+                out[key] = info[key]
+        s = getattr(st.optimizer, "speculation", None)
+        if s is not None:
+            out["speculated_steps"] = s.speculated
     if st.activation_offload is not None:
         a = st.activation_offload.stats()
         out["activation_bytes_offloaded"] = a.get("bytes_offloaded_last_step")

@@ -27,7 +27,7 @@ def fmt(x, nd=3):
     return f"{x:.{nd}f}"
 
 
-SHAPE_ORDER = ("reference", "llama", "wide", "tiny", "llama-tiny")
+SHAPE_ORDER = ("reference", "reference-fresh", "llama", "llama-fresh", "wide", "tiny", "tiny-fresh", "llama-tiny")
 
 
 def groups(R):
@@ -111,8 +111,12 @@ def table(R, shape, stage):
             continue
         b = bound_bytes(R, r)
         saved = plain["peak_alloc_gib"] - x["peak_alloc_gib"] if plain and "peak_alloc_gib" in x else None
+        label = r["label"]
+        if x.get("speculated_steps") is not None:  # how often the CPU step during backward stood
+            label += (f"; {x['speculated_steps']} of {x.get('warm', 0) + x.get('steps', 0)} steps stepped during "
+                      f"backward, {x.get('rollbacks', 0)} taken back")
         lines.append("| " + " | ".join([
-            name, r["label"], fmt(x["step_s"], 4),
+            name, label, fmt(x["step_s"], 4),
             fmt(x["step_s"] / plain["step_s"], 2) + "x" if plain else "–",
             fmt(x.get("peak_alloc_gib"), 2), fmt(saved, 2), fmt(b / GiB if b else None, 2),
             f"{saved * GiB / b:.0%}" if b and saved is not None else "–",
@@ -175,7 +179,7 @@ def targets(R):
     gs = groups(R)
     L += ["### Engine-native hybrid optimizer (fp32 masters, moments and gradients of f on the CPU)", ""]
     for shape, stage in gs:
-        if shape not in ("reference", "llama"):
+        if shape not in ("reference", "llama", "reference-fresh", "llama-fresh"):
             continue
         for f, lim in OPT_STEP.items():
             c = f"eng_z{stage}_opt_f{int(f * 100)}"
@@ -227,7 +231,8 @@ def sections(R):
     L = ["## The engine path: `ds_offload.initialize` against plain DeepSpeed of the same config", "",
          "Each (shape, ZeRO stage) ran in one process: plain DeepSpeed (bf16, AdamW, `gradient_clipping: 1.0`) "
          "first, our modes, plain DeepSpeed again (the noise floor), then the peers on the same engine config. "
-         "Every case builds its own model (seed 0, the same batch every step) and engine and closes both before the "
+         "Every case builds its own model (seed 0; the same batch every step, or for a `-fresh` shape a new batch "
+         "every step) and engine and closes both before the "
          "next one; its peak is measured from what the previous case left allocated. `× plain`: step time over the "
          "faster plain run's. `saved`: the second plain run's peak minus the case's (both measured from what the first "
          "case left allocated). `bound`: what the mode should free — 12 B per "
@@ -239,9 +244,11 @@ def sections(R):
     for shape, stage in gs:
         try:
             import report as Rep
-            desc = Rep.shape_desc(shape)
+            desc = Rep.shape_desc(shape.replace("-fresh", ""))
         except Exception:
             desc = shape
+        if shape.endswith("-fresh"):
+            desc += "; **a new batch every step**"
         L += [f"### `{shape}` ({desc}), ZeRO-{stage}", ""] + table(R, shape, stage) + [""]
     L += ["## Targets", ""] + targets(R) + [""]
     miss = not_run(R)

@@ -48,8 +48,12 @@ class OffloadState:
                      f"on the GPU their moments are freed ({8 * n / 2**30:.2f} GiB) while DeepSpeed keeps its fp32 "
                      "copy of them")
             zero = hasattr(self.optimizer, "tails")
-            overlapped = (", its step overlapping the next forward; reads of the weights outside a forward or "
-                          "state_dict() need engine.ds_offload.wait() first" if zero and self.optimizer.tail_steps.deferred
+            during = (" started during backward as the gradients arrive, kept where step() finds it is the one "
+                      "plain DeepSpeed takes (nothing clipped) and taken back otherwise, else"
+                      if getattr(self.optimizer, "speculation", None) is not None else "")
+            overlapped = (f", its step{during} overlapping the next forward; reads of the weights outside a forward "
+                          "or state_dict() need engine.ds_offload.wait() first"
+                          if zero and self.optimizer.tail_steps.deferred
                           else ", overlapped" if o.overlap_cpu_optimizer_d2h_h2d and not zero else "")
             parts.append(f"{o.optimizer_offload_fraction:.0%} of the optimizer on the CPU ({backend}"
                          f"{overlapped}): {n / 1e6:.2f}M elements "

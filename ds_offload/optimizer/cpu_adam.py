@@ -22,6 +22,7 @@ kernel and a process for DeepSpeed's, unless /dev/shm cannot hold the process's 
 """
 import contextlib
 import itertools
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -33,6 +34,7 @@ import torch
 
 _OPT_ID = 7301  # id inside the worker process, which owns its op alone
 _inline_ids = itertools.count(7302)  # one per inline backend, clear of DeepSpeedCPUAdam's small ids
+HOST_SPAN_NUMEL_UNDO = 1 << 20  # 4 MiB of fp32 per array: the rollback's temporaries stay in cache
 
 
 def shared_memory_fits(nbytes, path="/dev/shm"):
@@ -89,6 +91,36 @@ def torch_adam_runs(adamw_mode, bufs, runs):
         steps = [torch.tensor(float(step + 1), device=master.device)]  # the kernel reads, not bumps, it
         fn([master[start:end]], [grad[start:end]], [exp_avg[start:end]], [exp_avg_sq[start:end]], [], steps,
            lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+
+
+def undo_adamw(bufs, start, end, hyper, use_torch=False, span=HOST_SPAN_NUMEL_UNDO):
+    """Take back one decoupled-weight-decay Adam step of ``bufs[start:end]``, taken with ``hyper`` = (step_before,
+    lr, beta1, beta2, eps, weight_decay) on the gradient still in ``bufs``' grad (speculate.py's rollback).
+
+    The algebraic inverse of the update both backends compute (DeepSpeed's CPU op and torch's fused AdamW):
+    ``u = m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, ``p' = p (1 - lr wd) - lr / (1 - b1^t) u``,
+    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``. In fp32 it returns the state within a few ulps of
+    the one before the step, not bit for bit, given the kernel's own constants: DeepSpeed's op computes
+    ``1 - b`` in float, torch's in double (``use_torch``). Cache-sized spans: the passes read memory about once."""
+    master, grad, exp_avg, exp_avg_sq = bufs
+    step, lr, b1, b2, eps, wd = hyper
+    if use_torch:
+        one_minus_b1, one_minus_b2 = 1 - b1, 1 - b2
+    else:
+        f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+        one_minus_b1, one_minus_b2 = (f32(1.0) - f32(b1)).item(), (f32(1.0) - f32(b2)).item()
+    t = step + 1
+    step_size = lr / (1 - b1 ** t)
+    bc2_sqrt = math.sqrt(1 - b2 ** t)
+    for a in range(start, end, span):
+        b = min(a + span, end)
+        p, g, m, v = master[a:b], grad[a:b], exp_avg[a:b], exp_avg_sq[a:b]
+        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=step_size)
+        if wd:
+            p.div_(1 - lr * wd)
+        m.sub_(g, alpha=one_minus_b1).div_(b1)
+        v.addcmul_(g, g, value=-one_minus_b2).div_(b2).clamp_(min=0)
 
 
 def _worker_main(conn, adamw_mode, buckets, num_threads):

@@ -20,6 +20,7 @@ import threading
 
 import torch
 
+from .cpu_adam import undo_adamw
 from .layout import host_buffer
 from .transfers import make_streams
 
@@ -52,6 +53,11 @@ class Chunk:
         self.d2h_event = None  # d2h_event => CUDA event after its gradient reached the host (None on CPU)
         self.h2d_event = None  # h2d_event => CUDA event after its updated weights are in the model (None on CPU)
         self.landed = threading.Event()  # landed => set once its weights are written or queued (or the run failed)
+        self.speculated = None  # speculated => hyper-parameters of a step taken during backward (speculate.py)
+        self.spec_future = None  # spec_future => the worker's run of that step
+        self.finite = None  # finite => 0-dim bool host tensors: each part of its gradient is finite (set with the copy)
+        self.stepped = False  # stepped => the worker took the speculative step (not for a non-finite gradient)
+        self.redo = False  # redo => step() found the speculative step wrong: take it back, step again
 
 
 def chunk_spans(numel):
@@ -134,10 +140,29 @@ class TailSteps:
         return chunks
 
     # ------------------------------------------------------------------------------- CPU + H2D
+    def speculate(self, bucket_id, tail, c, before):
+        """Queue chunk `c`'s CPU step with `c.speculated` on the gradient `tail.grad` is receiving, once its copy
+        and the weight copy of `before` (the previous step's Chunk of the same range: it reads the master) are
+        done. The worker runs jobs in order, so `before`'s event exists by then."""
+        def run():
+            if c.d2h_event is not None:
+                c.d2h_event.synchronize()
+            if before is not None and before.h2d_event is not None:
+                before.h2d_event.synchronize()
+            if c.finite is not None and not all(bool(f) for f in c.finite):
+                return  # an overflow: step() skips the step or redoes it; no Adam state is touched
+            self.backend.run(bucket_id, [(c.a, c.b, *c.speculated)])
+            c.stepped = True
+        if self._executor is None:
+            raise RuntimeError("a speculative CPU step needs the deferred schedule's worker; this is a bug")
+        return self._executor.submit(run)
+
     def start(self, jobs):
         """Step and send back every job's chunks: `(bucket id, bufs, lp, runs_of(a, b), chunks, scale)`; `bufs`
         has `.master` and `.grad` (a tail, an offloaded layer), `lp` is where the updated weights go, `scale`
-        multiplies a gradient that is already on the host (1.0 when `send_grads` scaled it).
+        multiplies a gradient that is already on the host (1.0 when `send_grads` scaled it). A chunk stepped
+        during backward (`speculated`, speculate.py) keeps that step unless `redo`: then it is taken back and
+        stepped again with `scale`.
 
         Inline, returns when done; deferred, returns at once. The weight copies wait for the compute stream's
         work queued so far (the backward still reading the old weights)."""
@@ -160,13 +185,21 @@ class TailSteps:
                 for c in chunks:
                     if c.d2h_event is not None:
                         c.d2h_event.synchronize()
+                    kept = False  # kept => the step taken during backward stands: only the weights go back
+                    if c.speculated is not None:
+                        c.spec_future.result()  # raises a failed speculative step
+                        if c.redo and c.stepped:
+                            undo_adamw((tail.master, tail.grad, tail.exp_avg, tail.exp_avg_sq), c.a, c.b,
+                                       c.speculated, self.backend.use_torch)
+                        kept = c.stepped and not c.redo
                     if not lp_tail.is_cuda:
-                        self._step_on_host(bucket_id, tail, lp_tail, runs_of, c, scale)
+                        self._step_on_host(bucket_id, tail, lp_tail, runs_of, c, scale, kept)
                         c.landed.set()
                         continue
-                    if scale != 1.0:
-                        tail.grad[c.a:c.b].mul_(scale)
-                    self.backend.run(bucket_id, runs_of(c.a, c.b))
+                    if not kept:
+                        if scale != 1.0:
+                            tail.grad[c.a:c.b].mul_(scale)
+                        self.backend.run(bucket_id, runs_of(c.a, c.b))
                     with torch.cuda.device(lp_tail.device), torch.cuda.stream(self.h2d):
                         if staging is None:
                             staging = torch.empty(CHUNK_NUMEL, dtype=torch.float32, device=lp_tail.device)
@@ -181,15 +214,17 @@ class TailSteps:
                 for c in job[4]:
                     c.landed.set()  # a failed run wakes its waiters; they find the error in the future
 
-    def _step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale):
+    def _step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale, kept=False):
         """Scale, step and cast a chunk whose weights stay in CPU memory, in cache-sized spans: the three
-        passes then read memory once instead of three times (the arithmetic is elementwise, so the same)."""
+        passes then read memory once instead of three times (the arithmetic is elementwise, so the same).
+        `kept`: the chunk was stepped during backward; only the cast is left."""
         same = lp.data_ptr() == bufs.master.data_ptr() and lp.dtype == bufs.master.dtype  # fp32: lp is the master
         for a in range(c.a, c.b, HOST_SPAN_NUMEL):
             b = min(a + HOST_SPAN_NUMEL, c.b)
-            if scale != 1.0:
-                bufs.grad[a:b].mul_(scale)
-            self.backend.run(bucket_id, runs_of(a, b))
+            if not kept:
+                if scale != 1.0:
+                    bufs.grad[a:b].mul_(scale)
+                self.backend.run(bucket_id, runs_of(a, b))
             if not same:
                 lp[a:b].copy_(bufs.master[a:b])
 

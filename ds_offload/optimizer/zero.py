@@ -13,8 +13,9 @@ DeepSpeed's layout (whole partitions), so they load with or without the block, e
 The tail's round trip (gradient D2H, CPU Adam, weights H2D) is tail_steps.py's. With
 `overlap_cpu_optimizer_d2h_h2d` and one data-parallel rank, `step()` returns before it has landed and the
 next forward waits per chunk (`attach`), which hides the CPU step behind that forward; with more ranks the
-all-gather needs the whole partition, so `step()` waits. The CPU step does not start during backward: the
-clip coefficient and the overflow verdict are known only after it.
+all-gather needs the whole partition, so `step()` waits. Where the gradient a parameter's hook sees is the
+one `step()` reads (one rank, one micro-step, no loss scaling), each chunk is also stepped
+during backward as its gradients arrive, and `step()` keeps or redoes it (speculate.py).
 """
 import contextlib
 import math
@@ -28,7 +29,8 @@ from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpee
 from . import cut, fp32_views
 from .cpu_adam import CpuAdamBackend, fit_worker_mode_to_shared_memory, pick_worker_mode
 from .layout import unregister_host_buffers
-from .tail_steps import CpuTail, TailSteps, chunk_keys_of_params, install_waits
+from .speculate import Speculation
+from .tail_steps import CpuTail, TailSteps, chunk_keys_of_params, chunk_spans, install_waits
 
 _WEIGHTS_KEY = "ds_offload_weights"  # the optimizer state of the offloaded layers, in the optimizer's state dict
 
@@ -38,15 +40,22 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
 
     offload = None  # the OptimizerOffloadConfig, set by `zero_optimizer_class`
     weights = None  # the WeightOffload of the first layers, or None, set by `zero_optimizer_class`
+    speculate = True  # whether the deferred schedule may step the CPU share during backward (tests compare)
 
     def __init__(self, *args, **kwargs):
+        o = self.offload
+        self.speculation = None  # speculation => the Speculation of the deferred schedule, or None
+        self._grad_hooks = []  # _grad_hooks => post-accumulate-grad hooks feeding it, registered before DeepSpeed's
+        if self.speculate and o.optimizer_cpu_offload and o.overlap_cpu_optimizer_d2h_h2d:
+            init_optimizer = args[0] if args else kwargs["init_optimizer"]
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                                for g in init_optimizer.param_groups for p in g["params"] if p.requires_grad]
         super().__init__(*args, **kwargs)
         if self.cpu_offload:
             raise ValueError("HybridZeroOptimizer with zero_optimization.offload_optimizer: config validation "
                              "refuses two optimizer offloads; this is a bug if you see it")
         basic = self.optimizer
         self.adamw_mode = bool(getattr(basic, "adam_w_mode", isinstance(basic, torch.optim.AdamW)))
-        o = self.offload
         cuda = torch.cuda.is_available()
         one_rank = all(dist.get_world_size(group=g) == 1 for g in self.real_dp_process_group)
         if o.overlap_cpu_optimizer_d2h_h2d and not one_rank and dist.get_rank() == 0:
@@ -86,6 +95,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                           "optimizer_cpu_offload there is nothing else to overlap: step() lands everything. Fix: "
                           "leave the key out, or also offload a fraction of the optimizer.", stacklevel=2)
         self.tail_steps = TailSteps(self.backend, deferred, cuda)
+        self.speculation = self._make_speculation()
         self._hook_handles = []  # _hook_handles => forward and (load_)state_dict pre-hooks from attach()
         if w is not None:
             w.allocate(shared, o.pin_cpu_params, self.dp_process_group)
@@ -94,6 +104,37 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             w.boundary = self.is_gradient_accumulation_boundary
         if busy:
             self.backend.start()
+
+    def _make_speculation(self):
+        """A Speculation where a parameter's gradient at its hook is what step() will read, else None."""
+        if not (self._grad_hooks and self.tail_steps.deferred and any(self.tails)):
+            return None
+        decoupled = self.adamw_mode or all(float(g["weight_decay"]) == 0 for g in self.optimizer.param_groups)
+        if (self.dynamic_loss_scale or float(self.loss_scale) != 1.0 or not decoupled
+                or self.gradient_accumulation_steps != 1 or self.gradient_predivide_factor != 1.0):
+            return None
+        s = Speculation(self.tail_steps)
+        for i, tail in enumerate(self.tails):
+            if tail is not None:
+                s.add_tail(self._tail_id(i), tail, self.parallel_partitioned_bit16_groups[i][0], self.bit16_groups[i],
+                           lambda i=i: self._hyper(i))
+        return s
+
+    def _grad_ready(self, p):
+        if self.speculation is not None and self.is_gradient_accumulation_boundary():
+            self.speculation.grad_ready(p)
+
+    def _cancel_speculation(self):
+        """Before a read or write of the optimizer state between backward and step(): take back its CPU steps."""
+        if self.speculation is not None:
+            self.speculation.cancel()
+
+    def _hyper(self, i):
+        """(step_before, lr, beta1, beta2, eps, weight_decay) of group `i`'s tail's next step."""
+        g = self.optimizer.param_groups[i]
+        beta1, beta2 = g["betas"]
+        return (self.tails[i].step, float(g["lr"]), float(beta1), float(beta2), float(g["eps"]),
+                float(g["weight_decay"]))
 
     def _unlink_hp_params(self):
         """DeepSpeed's fp32 views of each parameter point into the uncut partition and would keep it alive; the
@@ -111,6 +152,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         if not any(self.tails) and w is None:
             return super().step(closure)
         self.tail_steps.land()
+        spec = self.speculation.finish() if self.speculation is not None else None  # chunks stepped in backward
         w_sq = w.finish_backward() if w is not None else 0.0  # the offloaded layers' share of the norm
         self.micro_step_id = INITIAL_MICRO_STEP_ID
         if not self.compute_grad_norm:
@@ -138,14 +180,22 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
                 self.all_grad_tensors[k] = None
             if w is not None:
                 w.discard_grads()
+            if spec is not None:
+                self.speculation.take_back(spec)
+                self.speculation.predict({}, clipped=True, rolled_back=True)
             return
         if norm is not None:
             self._global_grad_norm = norm / prev_scale
         inverse_scale = self._inverse_scale(norm)  # one device sync per step, for all the tails
         # The offloaded layers first: they are the first the next forward needs.
         jobs = w.jobs(self.optimizer.param_groups, inverse_scale) if w is not None else []
-        jobs += [job for i in range(len(self.bit16_groups)) for job in self._step_group(i, norm, inverse_scale)]
-        self.tail_steps.start(jobs)
+        tail_jobs = [job for i in range(len(self.bit16_groups)) for job in self._step_group(i, norm, inverse_scale,
+                                                                                           spec)]
+        if self.speculation is not None:
+            self.speculation.predict({(job[0], k): c for job in tail_jobs for k, c in enumerate(job[4])},
+                                     clipped=inverse_scale != 1.0,
+                                     rolled_back=spec is not None and any(c.redo for c in spec.values()))
+        self.tail_steps.start(jobs + tail_jobs)
         all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
                              partitioned_param_groups=self.parallel_partitioned_bit16_groups,
                              dp_process_group=self.real_dp_process_group,
@@ -175,16 +225,23 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             combined = clip * self.loss_scale
         return float(1. / combined)
 
-    def _step_group(self, i, norm, inverse_scale):
-        """The GPU head's step; returns the tail's job for TailSteps (none without a tail)."""
+    def _step_group(self, i, norm, inverse_scale, spec=None):
+        """The GPU head's step; returns the tail's job for TailSteps (none without a tail). `spec`: the chunks
+        stepped during backward (speculate.py), whose gradients are on the host already."""
         partition_id = dist.get_rank(group=self.real_dp_process_group[i])
         self.free_grad_in_param_list(self.params_not_in_partition[i])
         flat = self._flat_grad_partition(i, partition_id)
         head, tail = self.single_partition_of_fp32_groups[i], self.tails[i]
         lp_partition = self.parallel_partitioned_bit16_groups[i][partition_id]
         cut = tail.start if tail is not None else flat.numel()
-        chunks = None
-        if tail is not None:  # its gradient leaves first; the streams order the copies before the frees below
+        chunks, scale = None, 1.0
+        if tail is not None and spec is not None:
+            hyper = self._hyper(i)
+            chunks = [spec[(self._tail_id(i), k)] for k in range(len(chunk_spans(tail.numel)))]
+            for c in chunks:  # kept where the step taken was this one: nothing clipped, same hyper-parameters
+                c.redo = inverse_scale != 1.0 or c.speculated != hyper
+            scale = inverse_scale  # the redone chunks' gradients on the host are unscaled
+        elif tail is not None:  # its gradient leaves first; the streams order the copies before the frees below
             chunks = self.tail_steps.send_grads(tail, flat[cut:], inverse_scale)
         grad = flat[:cut].to(head.dtype)
         del flat
@@ -201,11 +258,9 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         del grad
         if tail is None:
             return []
-        g = self.optimizer.param_groups[i]
-        beta1, beta2 = g["betas"]
-        hyper = (tail.step, float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]))
+        hyper = self._hyper(i)
         tail.step += 1
-        return [(self._tail_id(i), tail, lp_partition[tail.start:], lambda a, b: [(a, b, *hyper)], chunks, 1.0)]
+        return [(self._tail_id(i), tail, lp_partition[tail.start:], lambda a, b: [(a, b, *hyper)], chunks, scale)]
 
     def _tail_id(self, i):
         """The backend's bucket id of group `i`'s tail (tails were registered in group order)."""
@@ -215,6 +270,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def _restore_from_bit16_weights(self):
         """The masters from the model's low-precision weights (DeepSpeed's `refresh_fp32_params`)."""
         self.tail_steps.land()
+        self._cancel_speculation()
         if self.weights is not None:
             self.weights.refresh_masters()
         for i, (partitions, head) in enumerate(zip(self.parallel_partitioned_bit16_groups,
@@ -243,6 +299,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
 
     def state_dict(self):
         self.tail_steps.land()
+        self._cancel_speculation()
         with self._whole_partitions():
             sd = super().state_dict()
         if self.weights is not None:
@@ -255,6 +312,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             raise NotImplementedError("universal checkpoints are not supported with cpu_offloading.optimizer; "
                                       "load a regular DeepSpeed checkpoint, or remove the block to load this one")
         self.tail_steps.land()
+        self._cancel_speculation()
         mine = dist.get_rank(group=self.dp_process_group)
         weights_sd = [sd.pop(_WEIGHTS_KEY, None) if isinstance(sd, dict) else None for sd in state_dict_list]
         if self.weights is not None:
@@ -278,7 +336,11 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
 
     # ------------------------------------------------------------------------------------ reporting
     def split_info(self):
-        return cut.split_info(self.single_partition_of_fp32_groups, self.tails, self.offload, self.tail_steps.deferred)
+        info = cut.split_info(self.single_partition_of_fp32_groups, self.tails, self.offload, self.tail_steps.deferred)
+        s = self.speculation
+        info["speculative"] = s is not None and s.disabled is None
+        info["rollbacks"] = s.rollbacks if s is not None else 0
+        return info
 
     # ------------------------------------------------------------------------ deferred weight updates
     def attach(self, module):
@@ -301,9 +363,10 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def close(self):
         if self.weights is not None:
             self.weights.close()
-        for h in self._hook_handles:
+        self._cancel_speculation()
+        for h in self._hook_handles + self._grad_hooks:
             h.remove()
-        self._hook_handles = []
+        self._hook_handles, self._grad_hooks = [], []
         try:
             self.tail_steps.close()
         finally:

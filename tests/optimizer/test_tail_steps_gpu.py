@@ -3,7 +3,9 @@ reads.
 
 Each race test delays one side (the compute stream before `step()`, the weight-copy stream, the CPU step)
 so that a missing wait would make the deferred run read other numbers than the inline one; the two runs
-use the same kernels, so their losses and weights must be equal bit for bit.
+use the same kernels, so their losses and weights must be equal bit for bit. ZeRO-1/2 run here with the CPU
+step after backward (speculation off: a step it takes back is equal only to fp32 ulps); the CPU step during
+backward has its own race tests in test_speculate_gpu.py.
 """
 import os
 import time
@@ -26,6 +28,8 @@ def deterministic(monkeypatch):
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     monkeypatch.setattr(T, "CHUNK_NUMEL", 256 * 1024)  # ~20 chunks: forwards wait for some, not others
+    from ds_offload.optimizer.zero import HybridZeroOptimizer
+    monkeypatch.setattr(HybridZeroOptimizer, "speculate", False)
     yield
     torch.use_deterministic_algorithms(False)
 

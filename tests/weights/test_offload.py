@@ -96,16 +96,24 @@ def test_where_parameters_gradients_and_states_live():
     engine.ds_offload.close()
 
 
-def test_with_optimizer_offload_of_the_rest_and_overlap():
+def test_with_optimizer_offload_of_the_rest_and_overlap(monkeypatch):
+    from ds_offload.optimizer.zero import HybridZeroOptimizer
     plain = run(make(config(1, weights=False)), 10)
     inline_engine = make(config(1, fraction=0.5))
     inline = run(inline_engine, 10)
+    speculating_engine = make(config(1, fraction=0.5, overlap=True))
+    speculating = run(speculating_engine, 10)
+    monkeypatch.setattr(HybridZeroOptimizer, "speculate", False)
     deferred_engine = make(config(1, fraction=0.5, overlap=True))
     deferred = run(deferred_engine, 10)
     assert max(abs(a - b) for a, b in zip(plain, inline)) < 1e-5
     assert deferred == inline
     assert deferred_engine.optimizer.split_info()["deferred"]
-    for e in (inline_engine, deferred_engine):
+    # Clipping at 0.05 clips every step: the first step's CPU share, stepped during backward, is taken back
+    # (to fp32 ulps), then the prediction steps after backward.
+    assert speculating_engine.optimizer.speculation.rollbacks == 1
+    assert max(abs(a - b) for a, b in zip(speculating, inline)) < 1e-5
+    for e in (inline_engine, deferred_engine, speculating_engine):
         e.ds_offload.close()
 
 
