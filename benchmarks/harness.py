@@ -314,7 +314,7 @@ def offload_facts(eng):
     if st.optimizer is not None and hasattr(st.optimizer, "split_info"):
         info = st.optimizer.split_info()
         out["optimizer_cpu_numel"] = info["cpu_numel"]
-        for key in ("speculative", "rollbacks"):
+        for key in ("speculative", "rollbacks", "speculation_trial"):
             if key in info:
                 out[key] = info[key]
         s = getattr(st.optimizer, "speculation", None)

@@ -115,6 +115,10 @@ def table(R, shape, stage):
         if x.get("speculated_steps") is not None:  # how often the CPU step during backward stood
             label += (f"; {x['speculated_steps']} of {x.get('warm', 0) + x.get('steps', 0)} steps stepped during "
                       f"backward, {x.get('rollbacks', 0)} taken back")
+            t = x.get("speculation_trial") or {}
+            if t.get("choice") is not None:
+                label += (f"; its timing trial: {fmt(t.get('with_s'))} s per step with, {fmt(t.get('without_s'))} s "
+                          f"without, {'kept' if t['choice'] else 'turned off'}")
         lines.append("| " + " | ".join([
             name, label, fmt(x["step_s"], 4),
             fmt(x["step_s"] / plain["step_s"], 2) + "x" if plain else "–",

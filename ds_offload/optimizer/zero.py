@@ -41,6 +41,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     offload = None  # the OptimizerOffloadConfig, set by `zero_optimizer_class`
     weights = None  # the WeightOffload of the first layers, or None, set by `zero_optimizer_class`
     speculate = True  # whether the deferred schedule may step the CPU share during backward (tests compare)
+    speculation_trial_steps = 3  # steps timed with and without it before keeping the faster (None: always)
 
     def __init__(self, *args, **kwargs):
         o = self.offload
@@ -113,7 +114,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         if (self.dynamic_loss_scale or float(self.loss_scale) != 1.0 or not decoupled
                 or self.gradient_accumulation_steps != 1 or self.gradient_predivide_factor != 1.0):
             return None
-        s = Speculation(self.tail_steps)
+        s = Speculation(self.tail_steps, self.speculation_trial_steps, verbose=dist.get_rank() == 0)
         for i, tail in enumerate(self.tails):
             if tail is not None:
                 s.add_tail(self._tail_id(i), tail, self.parallel_partitioned_bit16_groups[i][0], self.bit16_groups[i],
@@ -338,7 +339,9 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def split_info(self):
         info = cut.split_info(self.single_partition_of_fp32_groups, self.tails, self.offload, self.tail_steps.deferred)
         s = self.speculation
-        info["speculative"] = s is not None and s.disabled is None
+        info["speculative"] = s is not None and s.disabled is None and s.trial.choice is not False
+        if s is not None:
+            info["speculation_trial"] = s.trial.summary()
         info["rollbacks"] = s.rollbacks if s is not None else 0
         return info
 

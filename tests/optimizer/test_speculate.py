@@ -31,8 +31,9 @@ def config(stage=2, dtype="bf16", clip=0.0, gas=1, fraction=0.5, overlap=True, t
     return cfg
 
 
-def train(cfg, steps=6, speculate=True, monkeypatch=None, gas=1):
+def train(cfg, steps=6, speculate=True, monkeypatch=None, gas=1, trial=None):
     monkeypatch.setattr(HybridZeroOptimizer, "speculate", speculate)
+    monkeypatch.setattr(HybridZeroOptimizer, "speculation_trial_steps", trial)  # None: no timing trial
     torch.manual_seed(0)
     engine, *_ = ds_offload.initialize(model=GPT(CFG), config=cfg)
     losses = []
@@ -153,6 +154,7 @@ def test_a_state_dict_between_backward_and_step_takes_the_speculation_back(monke
     # in the moments before step 1 moves the masters by 1.4e-5 after step 2, with speculation off).
     plain = train(config(2, "fp32"), steps=2, speculate=False, monkeypatch=monkeypatch)
     monkeypatch.setattr(HybridZeroOptimizer, "speculate", True)
+    monkeypatch.setattr(HybridZeroOptimizer, "speculation_trial_steps", None)
     torch.manual_seed(0)
     engine, *_ = ds_offload.initialize(model=GPT(CFG), config=config(2, "fp32"))
     for step in range(2):
@@ -168,3 +170,64 @@ def test_a_state_dict_between_backward_and_step_takes_the_speculation_back(monke
     assert engine.optimizer.speculation.speculated == 1  # step 0; step 1's was taken back
     engine.ds_offload.close()
     plain[3].ds_offload.close()
+
+
+def test_the_trial_keeps_the_faster_schedule():
+    from ds_offload.optimizer.speculate import Trial
+    for with_s, without_s, keep in ((1.0, 2.0, True), (2.0, 1.0, False)):
+        now = [0.0]
+        t = Trial(3, clock=lambda: now[0])
+        modes = []
+        for step in range(12):
+            on = t.wanted()
+            modes.append(on)
+            now[0] += with_s if on else without_s
+            decided = t.record(on)
+            assert decided == (step == Trial.WARM + 2 * 3 - 1)
+        assert modes[:5] == [True] * 5 and modes[5:8] == [False] * 3  # warm 2 + 3 with, then 3 without
+        assert modes[8:] == [keep] * 4 and t.choice is keep
+        assert t.summary() == {"choice": keep, "with_s": with_s, "without_s": without_s}
+    assert Trial(None).wanted() and Trial(None).choice  # no trial: always
+
+
+def test_a_trial_where_every_step_clipped_turns_speculation_off():
+    from ds_offload.optimizer.speculate import Trial
+    t = Trial(2, clock=iter(range(100)).__next__)
+    for _ in range(Trial.WARM + 4):
+        t.record(False)  # clipping kept every backward from speculating: nothing timed with it
+    assert t.choice is False and t.summary()["with_s"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("dist")
+def test_the_engine_keeps_the_step_after_backward_where_speculation_is_slower(monkeypatch):
+    ref = train(config(2, "fp32"), steps=12, speculate=False, monkeypatch=monkeypatch)
+    monkeypatch.setattr(HybridZeroOptimizer, "speculate", True)
+    monkeypatch.setattr(HybridZeroOptimizer, "speculation_trial_steps", 2)
+    torch.manual_seed(0)
+    engine, *_ = ds_offload.initialize(model=GPT(CFG), config=config(2, "fp32"))
+    s = engine.optimizer.speculation
+    now = [0.0]
+
+    def clock():  # a step that speculated takes 2 s, one that did not 1 s
+        now[0] += 2.0 if s.this_step else 1.0
+        return now[0]
+    s.trial.clock = clock
+    losses = []
+    for step in range(12):
+        x, y = synthetic_batch(CFG, 4, step, device=engine.device)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    info = engine.optimizer.split_info()
+    assert info["speculation_trial"]["choice"] is False and not info["speculative"]
+    assert s.speculated == _steps_with_speculation(2)  # the warm-up and the trial's steps with it, none after
+    assert losses == ref[0]  # kept speculative steps and steps after backward: the same numbers
+    engine.ds_offload.close()
+    ref[3].ds_offload.close()
+
+
+def _steps_with_speculation(n):
+    from ds_offload.optimizer.speculate import Trial
+    return Trial.WARM + n

@@ -45,6 +45,7 @@ def config(stage, clip=NO_CLIP, fraction=0.75, fp16=False):
 
 def train(cfg, speculate, monkeypatch, steps=5, on_loss=None):
     monkeypatch.setattr(HybridZeroOptimizer, "speculate", speculate)
+    monkeypatch.setattr(HybridZeroOptimizer, "speculation_trial_steps", None)  # every step, no timing trial
     torch.manual_seed(0)
     engine, *_ = ds_offload.initialize(model=GPT(CFG), config=cfg)
     losses = []
