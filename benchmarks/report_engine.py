@@ -139,7 +139,7 @@ def _step_target(R, shape, stage, case, lim, what):
         r = R.by.get((shape, case))
         return f"- {shape} ZeRO-{stage}, {what}: step <= {lim}x — **not measured** ({(r or {}).get('status', 'not in this run')})"
     ratio = x["step_s"] / plain["step_s"]
-    return f"- {shape} ZeRO-{stage}, {what}: step {ratio:.2f}x (target <= {lim}x: {_verdict(ratio <= lim)})"
+    return f"- {shape} ZeRO-{stage}, {what}: step {ratio:.3f}x (target <= {lim}x: {_verdict(ratio <= lim)})"
 
 
 def _memory_target(R, shape, stage, case, what, frac=0.9):

@@ -160,7 +160,7 @@ def environment():
         pass
     # BENCH_GIT_COMMIT wins: a copied working tree may carry a stale .git that names another commit
     commit, dirty = os.environ.get("BENCH_GIT_COMMIT", ""), os.environ.get("BENCH_GIT_DIRTY", "")
-    if len(commit) != 40:
+    if not (7 <= len(commit) <= 40 and all(ch in "0123456789abcdef" for ch in commit.lower())):  # a short hash too
         commit = sh(["git", "-C", REPO, "rev-parse", "HEAD"])
         dirty = sh(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"])
     if len(commit) != 40:   # no usable .git and nothing from the caller
