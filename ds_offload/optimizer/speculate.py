@@ -87,7 +87,7 @@ class Speculation:
         self.trial = Trial(trial_steps)  # trial => which schedule is faster here, measured on the first steps
         self.verbose = verbose  # verbose => log the trial's verdict (rank 0)
         self.pieces = {}  # pieces => id(param) => [(stage, lo, hi, off)]: its elements [lo, hi) go to stage at off
-        self.plan = {}  # plan => (tail id, chunk index) => [tail, a, b, stages not yet sent]
+        self.plan = {}  # plan => (tail id, chunk index) => [tail, a, b, how many of its stages parameters cover]
         self.stages = {}  # stages => (tail id, chunk index, j) => [a, b, elements the parameters cover] in the tail
         self.hyper_of = {}  # hyper_of => tail id => callable giving (step_before, lr, beta1, beta2, eps, wd) now
         self.armed = True  # armed => this backward's chunks are stepped as their gradients arrive
@@ -96,13 +96,12 @@ class Speculation:
         self.rollbacks = 0  # rollbacks => steps whose speculative CPU steps were taken back
         self.speculated = 0  # speculated => steps whose every chunk was stepped during backward
         self.this_step = False  # this_step => whether the step being finished was stepped during backward
-        self.flags = {}  # flags => stage => 0-dim bool host tensor its "gradient is finite" lands in, this backward
         self._reset()
 
     def _reset(self):
         self.open = {}  # open => stage => [staging tensor, elements still to come] of stages being filled
         self.unsent = {}  # unsent => key => stages of the chunk not yet copied to the host
-        self.flags = {}
+        self.flags = {}  # flags => stage => 0-dim bool host tensor its "gradient is finite" lands in, this backward
         self.sent = {}  # sent => key => Chunk whose speculative step was started this backward
         self.seen = set()  # seen => id(param) whose gradient this backward has delivered
         self.void = False  # void => this backward's speculation was taken back; step() takes the plain path
@@ -199,7 +198,7 @@ class Speculation:
         """At step(): key => Chunk for every chunk, all stepped during this backward, or None (nothing was, or
         it was taken back); resets for the next backward."""
         sent, complete = self.sent, not self.void and self.sent and len(self.sent) == len(self.plan)
-        if self.sent and not complete:
+        if self.seen and not self.void and not complete:  # gradients came, but not for every chunk
             missing = len(self.plan) - len(self.sent)
             self._give_up(f"{missing} chunk(s) of the CPU share got no gradient for some of their parameters in "
                           f"backward (a parameter unused in the forward)")

@@ -231,3 +231,64 @@ def test_the_engine_keeps_the_step_after_backward_where_speculation_is_slower(mo
 def _steps_with_speculation(n):
     from ds_offload.optimizer.speculate import Trial
     return Trial.WARM + n
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("dist")
+def test_an_overflow_skips_the_step_and_takes_back_the_finite_chunks(monkeypatch):
+    """fp32: a non-finite gradient in the CPU share makes DeepSpeed skip the step. The chunk holding it is never
+    stepped (undoing a step on infinities is impossible); the finite ones are taken back."""
+    def run(speculate, steps):
+        monkeypatch.setattr(HybridZeroOptimizer, "speculate", speculate)
+        monkeypatch.setattr(HybridZeroOptimizer, "speculation_trial_steps", None)
+        import ds_offload.optimizer.tail_steps as T
+        monkeypatch.setattr(T, "CHUNK_NUMEL", 3000)  # several chunks: finite ones beside the poisoned one
+        torch.manual_seed(0)
+        engine, *_ = ds_offload.initialize(model=GPT(CFG), config=config(2, "fp32"))
+        last = list(engine.module.parameters())[-1]  # in the CPU share (the partition's end)
+        losses = []
+        for step in range(steps):
+            x, y = synthetic_batch(CFG, 4, step, device=engine.device)
+            h = last.register_hook(lambda g: g.clone().fill_(float("nan"))) if step == 1 else None
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            if h is not None:
+                h.remove()
+            losses.append(loss.item())
+        engine.ds_offload.wait()
+        return losses, [t.master.clone() for t in engine.optimizer.tails if t is not None], engine
+    # Right after the skipped step: the finite chunks are back to within ulps of step 0's masters.
+    plain, ours = run(False, 2), run(True, 2)
+    assert ours[2].optimizer.tails[0].step == plain[2].optimizer.tails[0].step == 1  # step 1 skipped
+    for a, b in zip(ours[1], plain[1]):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=0, atol=4 * 1.2e-7), (a - b).abs().max()
+    # And training goes on: two more steps (the skip disarmed step 2, step 3 speculates again).
+    plain4, ours4 = run(False, 4), run(True, 4)
+    assert ours4[2].optimizer.speculation.speculated == 3
+    assert max(abs(a - b) for a, b in zip(ours4[0], plain4[0])) < 1e-5
+    for e in (plain[2], ours[2], plain4[2], ours4[2]):
+        e.ds_offload.close()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("dist")
+def test_a_parameter_without_gradient_turns_speculation_off_with_a_warning(monkeypatch):
+    plain = train(config(2, "fp32"), steps=3, speculate=False, monkeypatch=monkeypatch)
+    monkeypatch.setattr(HybridZeroOptimizer, "speculate", True)
+    torch.manual_seed(0)
+    engine, *_ = ds_offload.initialize(model=GPT(CFG), config=config(2, "fp32"))
+    s = engine.optimizer.speculation
+    s.pieces.pop(id(list(engine.module.parameters())[-1]))  # as if it were unused: its chunk never completes
+    losses = []
+    with pytest.warns(UserWarning, match="no longer starts during backward"):
+        for step in range(3):
+            x, y = synthetic_batch(CFG, 4, step, device=engine.device)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    assert s.disabled and s.speculated == 0 and not engine.optimizer.split_info()["speculative"]
+    assert max(abs(a - b) for a, b in zip(losses, plain[0])) < 1e-5
+    engine.ds_offload.close()
+    plain[3].ds_offload.close()
