@@ -268,9 +268,9 @@ def test_engine_report_bounds_noise_and_targets(tmp_path):
     assert "| **eng_z1_opt_f50** |" in text and "1.25x" in text
     saved = (34.0 - 29.0) * 2**30 / (12 * int(937e6 / 2))
     assert f"{saved:.0%}" in text                                      # saved/bound of the f=0.5 case
-    assert "reference ZeRO-1, f=0.5: step 1.25x (target <= 1.15x: **not met**)" in text
-    assert "reference ZeRO-1, activations N=4: step 1.10x (target <= 1.15x: **met**)" in text
-    assert "reference ZeRO-1, weights N=8: step 1.25x (target <= 1.3x: **met**)" in text
+    assert "reference ZeRO-1, f=0.5: step 1.250x (target <= 1.15x: **not met**)" in text
+    assert "reference ZeRO-1, activations N=4: step 1.100x (target <= 1.15x: **met**)" in text
+    assert "reference ZeRO-1, weights N=8: step 1.250x (target <= 1.3x: **met**)" in text
     assert "reference ZeRO-1, f=1.0: step <= 1.5x — **not measured** (error)" in text
     assert "`reference/eng_z2`" in text                                 # the matrix's cases not in this run
     assert png.exists() and png.stat().st_size > 1000
