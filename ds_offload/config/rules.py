@@ -171,7 +171,7 @@ def rules(cfg, model_layers, pipeline_stages, gradient_checkpointing, fine_grain
             warns.append((f"{op}.optimizer_offload_fraction", f"the fraction is {o.optimizer_offload_fraction} but "
                           "optimizer_cpu_offload is false, so nothing of the optimizer is offloaded. Fix: set "
                           "optimizer_cpu_offload to true, or remove the fraction."))
-        if o.overlap_cpu_optimizer_d2h_h2d:
+        if o.overlap_cpu_optimizer_d2h_h2d and not (m.enabled and m.cpu_offloading_weights):  # weights: their step
             warns.append((f"{op}.overlap_cpu_optimizer_d2h_h2d", "overlap is on but optimizer_cpu_offload is false, "
                           "so there is no CPU step to overlap. Fix: set optimizer_cpu_offload to true, or remove it."))
     for key in ds:

@@ -21,6 +21,7 @@ Which one runs (``pick_worker_mode``): inline without CUDA or with overlap off, 
 kernel and a process for DeepSpeed's, unless /dev/shm cannot hold the process's buffers.
 """
 import contextlib
+import functools
 import itertools
 import math
 import multiprocessing as mp
@@ -30,6 +31,7 @@ import threading
 import traceback
 import warnings
 
+import numpy
 import torch
 
 _OPT_ID = 7301  # id inside the worker process, which owns its op alone
@@ -99,28 +101,50 @@ def undo_adamw(bufs, start, end, hyper, use_torch=False, span=HOST_SPAN_NUMEL_UN
 
     The algebraic inverse of the update both backends compute (DeepSpeed's CPU op and torch's fused AdamW):
     ``u = m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, ``p' = p (1 - lr wd) - lr / (1 - b1^t) u``,
-    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``. In fp32 it returns the state within a few ulps of
-    the one before the step, not bit for bit, given the kernel's own constants: DeepSpeed's op computes
-    ``1 - b`` in float, torch's in double (``use_torch``). Cache-sized spans: the passes read memory about once."""
+    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, with the kernel's own constants (`_op_constants`:
+    DeepSpeed's op rounds ``b2^t`` and the corrections to float, which alone moves an early step's update by
+    ~1e-5; torch's kernel keeps them in double). In fp32 it returns the state within a few ulps of the one
+    before the step, not bit for bit. Cache-sized spans: the passes read memory about once."""
     master, grad, exp_avg, exp_avg_sq = bufs
     step, lr, b1, b2, eps, wd = hyper
+    t = step + 1
     if use_torch:
         one_minus_b1, one_minus_b2 = 1 - b1, 1 - b2
+        step_size, inv_bc2, decay = lr / (1 - b1 ** t), 1 / math.sqrt(1 - b2 ** t), 1 - lr * wd
     else:
-        f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-        one_minus_b1, one_minus_b2 = (f32(1.0) - f32(b1)).item(), (f32(1.0) - f32(b2)).item()
-    t = step + 1
-    step_size = lr / (1 - b1 ** t)
-    bc2_sqrt = math.sqrt(1 - b2 ** t)
+        one_minus_b1, one_minus_b2, step_size, inv_bc2, decay, eps = _op_constants(t, lr, b1, b2, eps, wd)
     for a in range(start, end, span):
         b = min(a + span, end)
         p, g, m, v = master[a:b], grad[a:b], exp_avg[a:b], exp_avg_sq[a:b]
-        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+        denom = v.sqrt().mul_(inv_bc2).add_(eps)
         p.addcdiv_(m, denom, value=step_size)
         if wd:
-            p.div_(1 - lr * wd)
+            p.div_(decay)
+        if step == 0:  # before the first step the moments are zero: restored exactly, not by a subtraction whose
+            m.zero_()  # rounding (~1e-7 of v') a clipped redo would weigh 1/coef^2 times more than its own g^2
+            v.zero_()
+            continue
         m.sub_(g, alpha=one_minus_b1).div_(b1)
         v.addcmul_(g, g, value=-one_minus_b2).div_(b2).clamp_(min=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _op_constants(t, lr, b1, b2, eps, wd):
+    """DeepSpeed's CPU Adam constants for step t, in float as its kernel holds them (csrc/includes/cpu_adam.h):
+    ``b^t`` as the product of float multiplications it keeps from step to step (for t > 256 the correctly
+    rounded power: by then ``1 - b^t`` is large enough that the ulp between the two is noise), then
+    (1 - b1, 1 - b2, lr / (1 - b1^t), 1 / sqrt(1 - b2^t), 1 - lr wd, eps)."""
+    f = numpy.float32
+    b1f, b2f, lrf, one = f(b1), f(b2), f(lr), f(1.0)
+    if t <= 256:
+        b1t = b2t = one
+        for _ in range(t):
+            b1t, b2t = f(b1t * b1f), f(b2t * b2f)
+    else:
+        b1t, b2t = f(float(b1f) ** t), f(float(b2f) ** t)
+    inv_bc2 = one / numpy.sqrt(one - b2t)
+    return (float(one - b1f), float(one - b2f), float(lrf / (one - b1t)), float(inv_bc2),
+            float(one - lrf * f(wd)), float(f(eps)))
 
 
 def _worker_main(conn, adamw_mode, buckets, num_threads):
@@ -196,6 +220,9 @@ class CpuAdamBackend:
         self._op = None
         self._proc = None
         self._conn = None
+        # _lock => one run at a time: the worker pipe and the op's per-id state are not for two threads (the
+        # optimizer's worker and the weights' steps during backward may both call)
+        self._lock = threading.Lock()
 
     @staticmethod
     def wants_shared_memory(use_torch, use_process):
@@ -234,6 +261,10 @@ class CpuAdamBackend:
     def run(self, bucket_id, runs):
         if not runs:
             return
+        with self._lock:
+            self._run(bucket_id, runs)
+
+    def _run(self, bucket_id, runs):
         if self.use_torch:
             torch_adam_runs(self.adamw_mode, self.buckets[bucket_id], runs)
         elif self._proc is None:

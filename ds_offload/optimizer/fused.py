@@ -59,7 +59,11 @@ class HybridFusedOptimizer(FP16_Optimizer):
         fraction = o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0  # weights alone: no cut
         cuts = [int(round(fraction * n)) for n in sizes]
         deferred = o.overlap_cpu_optimizer_d2h_h2d and any(cuts)
-        mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
+        # The offloaded layers' CPU steps during backward (weights/speculate.py): no loss scaling, decoupled decay.
+        decoupled = self.adamw_mode or all(float(g["weight_decay"]) == 0 for g in self.optimizer.param_groups)
+        layer_steps = (w is not None and o.overlap_cpu_optimizer_d2h_h2d and decoupled
+                       and not self.loss_scale_config.use_grad_scaling)
+        mode = pick_worker_mode(None, cuda, deferred or layer_steps, o.use_torch_optimizer_for_cpu_offload)
         mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
@@ -95,6 +99,8 @@ class HybridFusedOptimizer(FP16_Optimizer):
             w.register(self.backend)
             w.tail_steps = self.tail_steps
             w.boundary = self.deepspeed.is_gradient_accumulation_boundary
+            if layer_steps:
+                w.speculate(self.optimizer.param_groups, o.use_torch_optimizer_for_cpu_offload)
         if any(self.tails) or w is not None:
             self.backend.start()
         if w is not None:
@@ -224,7 +230,10 @@ class HybridFusedOptimizer(FP16_Optimizer):
 
     # ------------------------------------------------------------------------------------ the rest
     def split_info(self):
-        return cut.split_info(self.fp32_groups_flat, self.tails, self.offload, self.tail_steps.deferred)
+        info = cut.split_info(self.fp32_groups_flat, self.tails, self.offload, self.tail_steps.deferred)
+        if self.weights is not None:
+            info.update(self.weights.speculation_info())
+        return info
 
     def attach(self, module):
         """With the deferred schedule, make `module`'s forwards wait for the chunks their own parameters are in,
@@ -241,6 +250,8 @@ class HybridFusedOptimizer(FP16_Optimizer):
 
     def wait(self):
         """Land the last step's CPU share in the model's weights, for reads outside a forward or state_dict."""
+        if self.weights is not None:
+            self.weights.land()
         self.tail_steps.land()
 
     def close(self):

@@ -193,7 +193,7 @@ class TailSteps:
                                        c.speculated, self.backend.use_torch)
                         kept = c.stepped and not c.redo
                     if not lp_tail.is_cuda:
-                        self._step_on_host(bucket_id, tail, lp_tail, runs_of, c, scale, kept)
+                        self.step_on_host(bucket_id, tail, lp_tail, runs_of, c, scale, kept)
                         c.landed.set()
                         continue
                     if not kept:
@@ -214,7 +214,7 @@ class TailSteps:
                 for c in job[4]:
                     c.landed.set()  # a failed run wakes its waiters; they find the error in the future
 
-    def _step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale, kept=False):
+    def step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale, kept=False):
         """Scale, step and cast a chunk whose weights stay in CPU memory, in cache-sized spans: the three
         passes then read memory once instead of three times (the arithmetic is elementwise, so the same).
         `kept`: the chunk was stepped during backward; only the cast is left."""

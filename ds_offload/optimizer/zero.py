@@ -70,7 +70,10 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         w = self.weights
         # Deferred only where it pays: a tail, the last layers' share, whose step the next forward reaches last.
         deferred = o.overlap_cpu_optimizer_d2h_h2d and one_rank and any(cuts)
-        mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
+        # The offloaded layers' CPU steps during backward (weights/speculate.py), where the hook's gradient is
+        # the one step() reads times 1 (their reduction is weights/offload.py's, so any number of ranks).
+        layer_steps = w is not None and o.overlap_cpu_optimizer_d2h_h2d and self._unscaled_and_decoupled()
+        mode = pick_worker_mode(None, cuda, deferred or layer_steps, o.use_torch_optimizer_for_cpu_offload)
         mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
@@ -90,11 +93,11 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.tails.append(tail)
         self._unlink_hp_params()
         busy = any(self.tails) or w is not None
-        if o.overlap_cpu_optimizer_d2h_h2d and not any(cuts) and w is not None and dist.get_rank() == 0:
-            warnings.warn("cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d: the offloaded layers are the first "
-                          "the next forward needs, so their CPU step cannot hide behind it, and without "
-                          "optimizer_cpu_offload there is nothing else to overlap: step() lands everything. Fix: "
-                          "leave the key out, or also offload a fraction of the optimizer.", stacklevel=2)
+        if o.overlap_cpu_optimizer_d2h_h2d and not any(cuts) and not layer_steps and dist.get_rank() == 0:
+            warnings.warn("cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d: the offloaded layers' CPU step can "
+                          "start during backward only without loss scaling and with decoupled weight decay (AdamW), "
+                          "and without optimizer_cpu_offload there is nothing else to overlap: the key changes "
+                          "nothing here. Fix: leave it out, or use bf16/fp32 with AdamW.", stacklevel=2)
         self.tail_steps = TailSteps(self.backend, deferred, cuda)
         self.speculation = self._make_speculation()
         self._hook_handles = []  # _hook_handles => forward and (load_)state_dict pre-hooks from attach()
@@ -103,16 +106,23 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             w.register(self.backend)
             w.tail_steps = self.tail_steps
             w.boundary = self.is_gradient_accumulation_boundary
+            if layer_steps:
+                w.speculate(self.optimizer.param_groups, o.use_torch_optimizer_for_cpu_offload)
         if busy:
             self.backend.start()
+
+    def _unscaled_and_decoupled(self):
+        """No loss scaling (so step() multiplies gradients by exactly 1 unless it clips) and weight decay that
+        Adam's undo can take back (decoupled, or none)."""
+        decoupled = self.adamw_mode or all(float(g["weight_decay"]) == 0 for g in self.optimizer.param_groups)
+        return decoupled and not self.dynamic_loss_scale and float(self.loss_scale) == 1.0
 
     def _make_speculation(self):
         """A Speculation where a parameter's gradient at its hook is what step() will read, else None."""
         if not (self._grad_hooks and self.tail_steps.deferred and any(self.tails)):
             return None
-        decoupled = self.adamw_mode or all(float(g["weight_decay"]) == 0 for g in self.optimizer.param_groups)
-        if (self.dynamic_loss_scale or float(self.loss_scale) != 1.0 or not decoupled
-                or self.gradient_accumulation_steps != 1 or self.gradient_predivide_factor != 1.0):
+        if (not self._unscaled_and_decoupled() or self.gradient_accumulation_steps != 1
+                or self.gradient_predivide_factor != 1.0):
             return None
         s = Speculation(self.tail_steps, self.speculation_trial_steps, verbose=dist.get_rank() == 0)
         for i, tail in enumerate(self.tails):
@@ -343,6 +353,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         if s is not None:
             info["speculation_trial"] = s.trial.summary()
         info["rollbacks"] = s.rollbacks if s is not None else 0
+        if self.weights is not None:
+            info.update(self.weights.speculation_info())
         return info
 
     # ------------------------------------------------------------------------ deferred weight updates
@@ -361,6 +373,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
 
     def wait(self):
         """Land the last step's CPU share in the model's weights, for reads outside a forward or state_dict."""
+        if self.weights is not None:
+            self.weights.land()
         self.tail_steps.land()
 
     def close(self):

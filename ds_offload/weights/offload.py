@@ -17,6 +17,8 @@ the weights for backward as references (saved-tensor hooks), so nothing of them 
 forward and backward. Each gradient leaves as soon as it is complete (a post-accumulate-grad hook): reduced
 across ranks, cast to fp32 and squared-summed on the side stream, copied to the host and freed; over several
 micro-steps a worker thread accumulates them on the host and takes the norm of the sum at the boundary.
+With `overlap_cpu_optimizer_d2h_h2d`, each layer's CPU step starts as soon as its gradient is on the host,
+during backward, and `step()` keeps or redoes it (speculate.py).
 """
 import concurrent.futures
 
@@ -29,6 +31,7 @@ from ..optimizer.layout import host_buffer
 from ..optimizer.tail_steps import Chunk, chunk_spans, land_before_state_dicts
 from ..optimizer.transfers import make_streams
 from .layer import OffloadedLayer, SavedOuter, SavedWeight
+from .speculate import LayerSpeculation
 
 
 def _same_storage(t, flat):
@@ -54,6 +57,8 @@ class WeightOffload:
         self._stack = []  # _stack => saved_tensors_hooks contexts of the layers whose forward is running
         self._callback_queued = False
         self._executor = None
+        self.speculation = None  # speculation => the LayerSpeculation stepping layers during backward, or None
+        self.param_groups = None  # param_groups => the optimizer's param groups (hyper-parameters during backward)
 
     @property
     def numel(self):
@@ -86,21 +91,30 @@ class WeightOffload:
         for L in self.layers:
             L.bucket_id = backend.register((L.master, L.grad, L.exp_avg, L.exp_avg_sq))
 
+    def speculate(self, param_groups, use_torch):
+        """Step each layer during backward from now on (the optimizer calls this where the gradient its hooks
+        deliver is what step() reads, unscaled: see speculate.py)."""
+        self.param_groups = param_groups
+        self.speculation = LayerSpeculation(self, use_torch)
+
     def install(self):
         """Hooks on the layers: fetch and release around forward, references for saved weights, gradients out."""
         for L in self.layers:
             self._hooks.append(L.module.register_forward_pre_hook(self._pre_forward(L)))
             self._hooks.append(L.module.register_forward_hook(self._post_forward(L), prepend=True, always_call=True))
-            self._hooks += land_before_state_dicts(L.module, lambda: self.tail_steps.land())
+            self._hooks += land_before_state_dicts(L.module, self.land)
             for i, p in enumerate(L.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, L=L, i=i: self._on_grad(L, p, i)))
         for j, module in enumerate(self.next_layers):
             self._hooks.append(module.register_forward_hook(self._after_next_layer(len(self.layers) + j)))
 
     # -------------------------------------------------------------------------------- transfers
-    def _fetch(self, L):
-        """Start bringing L's working copy to the device (after its last CPU update is written)."""
+    def _fetch(self, L, block=True):
+        """Start bringing L's working copy to the device (after its last CPU update is written). `block=False`
+        (a prefetch): not if that update is a step taken during backward still running; the use fetches it."""
         if L.device_copy is not None:
+            return
+        if self.speculation is not None and not self.speculation.wait_kept(L, block):
             return
         self.tail_steps.wait_for(L.update_keys)
         if not self.on_cuda:
@@ -127,7 +141,7 @@ class WeightOffload:
 
     def _prefetch(self, first, last):
         for j in range(max(first, 0), min(last, len(self.layers))):
-            self._fetch(self.layers[j])
+            self._fetch(self.layers[j], block=False)
 
     # ------------------------------------------------------------------------------------ forward
     def _pre_forward(self, L):
@@ -251,10 +265,19 @@ class WeightOffload:
             if id(p) not in L.arrived:
                 (L.staging if L.adding else L.grad)[o:o + p.numel()].zero_()
         L.arrived.clear()
-        event = None
+        event = finite = None
+        spec = self.speculation is not None and L.gpu_sq is not None  # one micro-step: stepped as it lands
         if self.on_cuda:
+            if spec:  # whether the gradient is finite, landing with it (a new tensor: the last may be in use)
+                finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+                with torch.cuda.stream(self.d2h):
+                    finite.copy_(torch.isfinite(L.gpu_sq), non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.d2h)  # FIFO stream: after every copy of this layer
+        elif spec:
+            finite = bool(torch.isfinite(L.gpu_sq))
+        if spec:
+            self.speculation.start(L, self._runs(L, self.param_groups), event, finite)
         L.accumulated = True
         if L.adding or L.boundary:
             L.grad_future = self._executor.submit(self._accumulate, L, event, L.adding, L.boundary and L.adding)
@@ -295,40 +318,69 @@ class WeightOffload:
         return total
 
     def discard_grads(self):
-        """An overflow-skipped step: the window's gradients go, nothing is stepped."""
+        """An overflow-skipped step: the window's gradients go, nothing is stepped (nor stays stepped)."""
+        if self.speculation is not None:
+            self.speculation.cancel()
+            self.speculation.end_step(clipped=True)
         for L in self.layers:
             L.accumulated = False
 
-    def jobs(self, param_groups, inverse_scale):
-        """TailSteps jobs stepping every layer (first layers first: the next forward needs them first)."""
-        out = []
-        for L in self.layers:
-            hyper = {g: (L.step, float(param_groups[g]["lr"]), float(param_groups[g]["betas"][0]),
-                         float(param_groups[g]["betas"][1]), float(param_groups[g]["eps"]),
-                         float(param_groups[g]["weight_decay"])) for _, _, g in L.spans}
+    @staticmethod
+    def _runs(L, param_groups):
+        """L's CPU Adam runs over all its elements for its next step: (a, b, step_before, lr, b1, b2, eps, wd)."""
+        def hyper(g):
+            g = param_groups[g]
+            return (L.step, float(g["lr"]), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
+                    float(g["weight_decay"]))
+        return [(s, e, *hyper(g)) for s, e, g in L.spans]
 
-            def runs_of(a, b, L=L, hyper=hyper):
-                return [(max(a, s), min(b, e), *hyper[g]) for s, e, g in L.spans if s < b and a < e]
+    def jobs(self, param_groups, inverse_scale):
+        """TailSteps jobs stepping every layer (first layers first: the next forward needs them first); none for
+        a layer whose step during backward stands."""
+        out, spec = [], self.speculation
+        for L in self.layers:
+            runs = self._runs(L, param_groups)
+            if spec is not None:
+                if spec.validate(L, runs, inverse_scale):
+                    L.update_keys = []  # its next fetch waits for the step still running, not for TailSteps
+                    L.step += 1
+                    L.accumulated = False
+                    continue
+                spec.wait_kept(L)  # the last step's, if no fetch waited for it (a layer the forward skipped)
+
+            def runs_of(a, b, runs=runs):
+                return [(max(a, s), min(b, e), *h) for s, e, *h in runs if s < b and a < e]
             chunks = [Chunk(a, b) for a, b in chunk_spans(L.numel)]
             L.update_keys = [(L.bucket_id, k) for k in range(len(chunks))]
             L.step += 1
             L.accumulated = False
             out.append((L.bucket_id, L, L.working, runs_of, chunks, inverse_scale))
+        if spec is not None:
+            spec.end_step(clipped=inverse_scale != 1.0)
         return out
+
+    def land(self):
+        """Every update of the layers in their working copies, nothing in flight (reads, loads, the user's wait)."""
+        if self.speculation is not None:
+            self.speculation.settle()
+        self.tail_steps.land()
 
     def refresh_masters(self):
         """The masters from the working copies (after a module-only checkpoint load wrote them)."""
+        self.land()
         for L in self.layers:
             if L.master is not L.working:
                 L.master.copy_(L.working)
 
     # -------------------------------------------------------------------------------- checkpoints
     def state_dict(self):
+        self.land()
         return {"numel": [L.numel for L in self.layers],
                 "layers": [{"master": L.master.clone(), "exp_avg": L.exp_avg.clone(), "exp_avg_sq": L.exp_avg_sq.clone(),
                             "step": L.step} for L in self.layers]}
 
     def load_state_dict(self, sd):
+        self.land()
         if sd["numel"] != [L.numel for L in self.layers]:
             raise ConfigError([("cpu_offloading.model.cpu_offloading_num_layers",
                                 f"the checkpoint's offloaded layers hold {sd['numel']} elements, this run's "
@@ -347,12 +399,23 @@ class WeightOffload:
         dtype = self.layers[0].working.dtype if self.layers and self.layers[0].working is not None else None
         per = (dtype.itemsize if dtype is not None else 2) * 2 + 12  # weight + gradient + master + moments
         return (f"weights of the first {len(self.layers)} layers ({n / 1e6:.2f}M parameters, "
-                f"{per * n / 2**30:.2f} GiB of weights, gradients, fp32 masters and moments) moved off the GPU")
+                f"{per * n / 2**30:.2f} GiB of weights, gradients, fp32 masters and moments) moved off the GPU"
+                + (", each layer's CPU step started during backward as its gradient arrives (kept where step() "
+                   "finds nothing clipped, taken back otherwise)" if self.speculation is not None else ""))
+
+    def speculation_info(self):
+        """`weights_speculative`: whether the layers' CPU steps start during backward; how often they stood."""
+        s = self.speculation
+        return {"weights_speculative": s is not None, "weights_speculated_steps": s.speculated if s else 0,
+                "weights_rollbacks": s.rollbacks if s else 0}
 
     def close(self):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self.speculation is not None:
+            self.speculation.close()
+            self.speculation = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
