@@ -45,14 +45,16 @@ def opt_block(f):
                           "overlap_cpu_optimizer_d2h_h2d": True}}
 
 
-def weights_block(n, acts=False):
+def weights_block(n, acts=False, overlap=True):
+    """`overlap`: each layer's CPU step during backward (weights/speculate.py), else after backward."""
     return {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": n, "cpu_offloading_activations": acts,
-                      "cpu_offloading_weights": True}}
+                      "cpu_offloading_weights": True},
+            "optimizer": {"overlap_cpu_optimizer_d2h_h2d": overlap}}
 
 
 def combined_block(n, f=0.5):
     """All three: activations and weights of the first n layers, f of the other parameters' optimizer."""
-    return dict(weights_block(n, acts=True), **opt_block(f))
+    return dict(weights_block(n, acts=True), **opt_block(f))  # opt_block's optimizer keys (overlap on) win
 
 
 def _weights_n(shape):
@@ -92,13 +94,21 @@ def members(shape, stage):
             add(f"opt_f{int(f * 100)}_after", "engine_cases:engine_case", "opt",
                 f"ds_offload {what}, optimizer f={f}, speculation off (CPU step after backward, behind the "
                 f"next forward)", 14 + int(8 * f), block=opt_block(f), f=f, speculate=False)
+    fresh = H.shapes()[shape].get("fresh")
     for n in wn:
-        add(f"w{n}", "engine_cases:engine_case", "weights", f"ds_offload {what}, weights N={n}", 3 + 12 * n // wn[-1],
-            block=weights_block(n), n=n)
-    if shape == "reference":
+        add(f"w{n}", "engine_cases:engine_case", "weights", f"ds_offload {what}, weights N={n} (each layer's CPU "
+            f"step during backward where it stands, else after)", 3 + 12 * n // wn[-1], block=weights_block(n), n=n)
+    if shape.startswith("reference"):
         add(f"w{wn[-1]}_acts", "engine_cases:engine_case", "weights",
-            f"ds_offload {what}, weights + activations N={wn[-1]}", 12, block=weights_block(wn[-1], acts=True),
-            n=wn[-1], acts=True)
+            f"ds_offload {what}, weights + activations N={wn[-1]} (CPU step during backward where it stands)", 12,
+            block=weights_block(wn[-1], acts=True), n=wn[-1], acts=True)
+    if fresh:  # the same with overlap_cpu_optimizer_d2h_h2d off: each layer's CPU step after backward
+        add(f"w{wn[-1]}_after", "engine_cases:engine_case", "weights",
+            f"ds_offload {what}, weights N={wn[-1]}, overlap off (CPU steps after backward)", 12,
+            block=weights_block(wn[-1], overlap=False), n=wn[-1])
+        add(f"w{wn[-1]}_acts_after", "engine_cases:engine_case", "weights",
+            f"ds_offload {what}, weights + activations N={wn[-1]}, overlap off (CPU steps after backward)", 12,
+            block=weights_block(wn[-1], acts=True, overlap=False), n=wn[-1], acts=True)
     add("combined", "engine_cases:engine_case", "combined",
         f"ds_offload {what}, activations + weights N={wn[0]}, optimizer f=0.5 of the rest", 22,
         block=combined_block(wn[0]), n=wn[0], f=0.5)

@@ -311,6 +311,7 @@ def offload_facts(eng):
     out = {"summary": st.summary()}
     if st.weights is not None:
         out["weights_offloaded_params"] = st.weights.numel
+        out.update(st.weights.speculation_info())  # the layers' CPU steps during backward: on, kept, taken back
     if st.optimizer is not None and hasattr(st.optimizer, "split_info"):
         info = st.optimizer.split_info()
         out["optimizer_cpu_numel"] = info["cpu_numel"]

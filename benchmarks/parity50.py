@@ -18,6 +18,9 @@ import harness as H
 MODES = {
     "weights_n8": {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 8,
                              "cpu_offloading_activations": False, "cpu_offloading_weights": True}},
+    "weights_n8_overlap": {"model": {"cpu_offloading": True, "cpu_offloading_num_layers": 8,
+                                     "cpu_offloading_activations": False, "cpu_offloading_weights": True},
+                           "optimizer": {"overlap_cpu_optimizer_d2h_h2d": True}},  # layers stepped during backward
     "optimizer_f50_overlap": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5,
                                             "overlap_cpu_optimizer_d2h_h2d": True}},
     "optimizer_f100": {"optimizer": {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0}},
@@ -25,7 +28,8 @@ MODES = {
 }
 
 
-def run(init, shape, steps, block=None):
+def run(init, shape, steps, block=None, facts=None):
+    facts = {} if facts is None else facts  # facts => filled with what the engine reports (speculated steps)
     from ds_offload.models import synthetic_batch
     m = H.build_model(shape)
     cfg = H.engine_config(shape, {"stage": 1}, gradient_clipping=1.0, **({"cpu_offloading": block} if block else {}))
@@ -39,8 +43,11 @@ def run(init, shape, steps, block=None):
         engine.step()
         losses.append(loss.detach())
     out = [v.item() for v in losses]
-    if getattr(engine, "ds_offload", None) is not None:
-        engine.ds_offload.close()
+    st = getattr(engine, "ds_offload", None)
+    if st is not None:
+        facts.update(H.offload_facts(engine))
+        facts.pop("summary", None)
+        st.close()
     del engine, m
     gc.collect()
     torch.cuda.empty_cache()
@@ -51,7 +58,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--shape", default="reference")
-    ap.add_argument("--modes", default="weights_n8,optimizer_f50_overlap")
+    ap.add_argument("--modes", default="weights_n8,weights_n8_overlap,optimizer_f50_overlap")
     args = ap.parse_args()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -64,10 +71,11 @@ def main():
     noise = max(abs(a - b) for a, b in zip(plain, again))
     print(json.dumps({"run": "plain x2", "noise_floor": noise, "first": plain[0], "last": plain[-1]}), flush=True)
     for mode in args.modes.split(","):
-        ours = run(ds_offload.initialize, args.shape, args.steps, MODES[mode])
+        facts = {}
+        ours = run(ds_offload.initialize, args.shape, args.steps, MODES[mode], facts)
         delta = max(abs(a - b) for a, b in zip(plain, ours))
         print(json.dumps({"run": mode, "max_loss_delta": delta, "noise_floor": noise, "steps": args.steps,
-                          "device": torch.cuda.get_device_name(), "last": ours[-1]}), flush=True)
+                          "device": torch.cuda.get_device_name(), "last": ours[-1], **facts}), flush=True)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,22 @@ class OffloadedLayer:
     def point_params_at(self, flat):
         for p, v in zip(self.params, self.views(flat)):
             p.data = v
+
+    def runs(self, param_groups):
+        """Its CPU Adam runs over all its elements for its next step: (a, b, step_before, lr, b1, b2, eps, wd)."""
+        def hyper(g):
+            g = param_groups[g]
+            return (self.step, float(g["lr"]), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
+                    float(g["weight_decay"]))
+        return [(s, e, *hyper(g)) for s, e, g in self.spans]
+
+    def state(self):
+        return {"master": self.master.clone(), "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "step": self.step}
+
+    def load_state(self, s):
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            getattr(self, key).copy_(s[key])
+        self.step = int(s["step"])
+        if self.working is not self.master:
+            self.working.copy_(self.master)

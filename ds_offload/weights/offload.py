@@ -31,7 +31,7 @@ from ..optimizer.layout import host_buffer
 from ..optimizer.tail_steps import Chunk, chunk_spans, land_before_state_dicts
 from ..optimizer.transfers import make_streams
 from .layer import OffloadedLayer, SavedOuter, SavedWeight
-from .speculate import LayerSpeculation
+from .speculate import LayerSpeculation, speculation_info
 
 
 def _same_storage(t, flat):
@@ -277,7 +277,7 @@ class WeightOffload:
         elif spec:
             finite = bool(torch.isfinite(L.gpu_sq))
         if spec:
-            self.speculation.start(L, self._runs(L, self.param_groups), event, finite)
+            self.speculation.start(L, L.runs(self.param_groups), event, finite)
         L.accumulated = True
         if L.adding or L.boundary:
             L.grad_future = self._executor.submit(self._accumulate, L, event, L.adding, L.boundary and L.adding)
@@ -325,21 +325,12 @@ class WeightOffload:
         for L in self.layers:
             L.accumulated = False
 
-    @staticmethod
-    def _runs(L, param_groups):
-        """L's CPU Adam runs over all its elements for its next step: (a, b, step_before, lr, b1, b2, eps, wd)."""
-        def hyper(g):
-            g = param_groups[g]
-            return (L.step, float(g["lr"]), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
-                    float(g["weight_decay"]))
-        return [(s, e, *hyper(g)) for s, e, g in L.spans]
-
     def jobs(self, param_groups, inverse_scale):
         """TailSteps jobs stepping every layer (first layers first: the next forward needs them first); none for
         a layer whose step during backward stands."""
         out, spec = [], self.speculation
         for L in self.layers:
-            runs = self._runs(L, param_groups)
+            runs = L.runs(param_groups)
             if spec is not None:
                 if spec.validate(L, runs, inverse_scale):
                     L.update_keys = []  # its next fetch waits for the step still running, not for TailSteps
@@ -375,9 +366,7 @@ class WeightOffload:
     # -------------------------------------------------------------------------------- checkpoints
     def state_dict(self):
         self.land()
-        return {"numel": [L.numel for L in self.layers],
-                "layers": [{"master": L.master.clone(), "exp_avg": L.exp_avg.clone(), "exp_avg_sq": L.exp_avg_sq.clone(),
-                            "step": L.step} for L in self.layers]}
+        return {"numel": [L.numel for L in self.layers], "layers": [L.state() for L in self.layers]}
 
     def load_state_dict(self, sd):
         self.land()
@@ -387,11 +376,7 @@ class WeightOffload:
                                 f"{[L.numel for L in self.layers]}. Fix: resume with the same "
                                 "cpu_offloading_num_layers, or load with load_optimizer_states=False.")])
         for L, s in zip(self.layers, sd["layers"]):
-            for key in ("master", "exp_avg", "exp_avg_sq"):
-                getattr(L, key).copy_(s[key])
-            L.step = int(s["step"])
-            if L.working is not L.master:
-                L.working.copy_(L.master)
+            L.load_state(s)
 
     # ---------------------------------------------------------------------------------- reporting
     def summary(self):
@@ -404,10 +389,7 @@ class WeightOffload:
                    "finds nothing clipped, taken back otherwise)" if self.speculation is not None else ""))
 
     def speculation_info(self):
-        """`weights_speculative`: whether the layers' CPU steps start during backward; how often they stood."""
-        s = self.speculation
-        return {"weights_speculative": s is not None, "weights_speculated_steps": s.speculated if s else 0,
-                "weights_rollbacks": s.rollbacks if s else 0}
+        return speculation_info(self.speculation)
 
     def close(self):
         for h in self._hooks:

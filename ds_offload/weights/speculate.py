@@ -162,5 +162,12 @@ class LayerSpeculation:
             self.worker.close()
 
 
+def speculation_info(s):
+    """`weights_speculative`: whether the layers' CPU steps start during backward (`s`: the LayerSpeculation or
+    None); in how many steps all of them stood, in how many some were taken back."""
+    return {"weights_speculative": s is not None, "weights_speculated_steps": s.speculated if s else 0,
+            "weights_rollbacks": s.rollbacks if s else 0}
+
+
 def _clip(runs, a, b):
     return [(max(a, s), min(b, e), *h) for s, e, *h in runs if s < b and a < e]

@@ -106,11 +106,11 @@ def test_races(dist, monkeypatch, delay):
     if delay == "weights_copy":  # H2D late on its stream: forward and backward must wait for it on the device
         fetch = W.WeightOffload._fetch
 
-        def late(self, L):
+        def late(self, L, block=True):
             if L.device_copy is None and self.on_cuda:
                 with torch.cuda.stream(self.h2d):
                     torch.cuda._sleep(SLEEP)
-            return fetch(self, L)
+            return fetch(self, L, block)
         monkeypatch.setattr(W.WeightOffload, "_fetch", late)
     else:  # compute stream late when a gradient is complete: its cast and copy to the host must wait for it
         on_grad = W.WeightOffload._on_grad

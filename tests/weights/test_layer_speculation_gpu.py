@@ -1,0 +1,164 @@
+"""weights/speculate.py on a GPU: each offloaded layer stepped during backward (gradient copied on the D2H
+stream with its finite flag, stepped by the worker thread), kept or taken back at step(); races.
+
+Where nothing clips, the steps during backward use the same kernel on the same gradients as the steps after
+backward, so the runs must be equal bit for bit; each race test delays one side so that a missing wait would
+make them differ.
+"""
+import os
+import time
+
+import pytest
+import torch
+
+import ds_offload
+import ds_offload.weights.offload as W
+from ds_offload.models import GPT, GPTConfig, synthetic_batch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+CFG = GPTConfig(vocab_size=1024, hidden=256, num_layers=6, num_heads=4, seq_len=128)
+N = 3
+SLEEP = int(2e8)  # GPU cycles, ~0.1 s: longer than any copy here
+NO_CLIP = 1e4  # clipping on, never clipping: every step during backward stands
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def config(stage, overlap=True, clip=NO_CLIP, activations=False, weights=True):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": clip, "bf16": {"enabled": True},
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
+    if weights:
+        cfg["cpu_offloading"] = {
+            "model": {"cpu_offloading": True, "cpu_offloading_num_layers": N, "cpu_offloading_weights": True,
+                      "cpu_offloading_activations": activations},
+            "optimizer": {"overlap_cpu_optimizer_d2h_h2d": overlap}}
+    return cfg
+
+
+def train(cfg, steps=6, init=None):
+    torch.manual_seed(0)
+    engine, *_ = (init or ds_offload.initialize)(model=GPT(CFG), config=cfg)
+    losses = []
+    for step in range(steps):
+        x, y = synthetic_batch(CFG, 4, step, device="cuda")
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())  # no .item(): that would synchronize and hide the races
+    return [v.item() for v in losses], engine
+
+
+def masters(engine):
+    return [L.master.clone() for L in engine.ds_offload.weights.layers]
+
+
+def info(engine):
+    return engine.ds_offload.weights.speculation_info()
+
+
+def _close(*engines):
+    for e in engines:
+        if hasattr(e, "ds_offload"):
+            e.ds_offload.close()
+
+
+@pytest.mark.parametrize("stage,activations", [(0, False), (1, False), (2, False), (1, True)])
+def test_kept_equals_the_step_after_backward(dist, stage, activations):
+    after, e0 = train(config(stage, overlap=False, activations=activations))
+    during, e1 = train(config(stage, activations=activations))
+    assert info(e1)["weights_speculated_steps"] == 6 and info(e1)["weights_rollbacks"] == 0
+    assert during == after
+    assert all(torch.equal(a, b) for a, b in zip(masters(e0), masters(e1)))
+    _close(e0, e1)
+
+
+def test_parity_with_plain_deepspeed_clipping_on(dist):
+    """Clipping at 1.0 on the tiny model: steps clip, are taken back and the prediction disarms; the losses
+    stay within 1e-3 of plain DeepSpeed, beside the noise floor of two plain runs."""
+    import deepspeed
+    plain, p0 = train(config(1, clip=1.0, weights=False), steps=10, init=deepspeed.initialize)
+    again, p1 = train(config(1, clip=1.0, weights=False), steps=10, init=deepspeed.initialize)
+    ours, engine = train(config(1, clip=1.0), steps=10)
+    noise = max(abs(a - b) for a, b in zip(plain, again))
+    delta = max(abs(a - b) for a, b in zip(plain, ours))
+    s = info(engine)
+    print(f"\nweights N={N} speculative, ZeRO-1 clip 1.0: max loss delta {delta:.2e} (noise floor {noise:.2e}); "
+          f"{s['weights_speculated_steps']} steps kept, {s['weights_rollbacks']} taken back")
+    assert noise < 1e-3 and delta < 1e-3
+    _close(engine)
+
+
+def test_the_step_waits_for_the_gradient_copy(dist, monkeypatch):
+    """Compute stream late when a gradient is complete: the D2H copy, the finite flag and so the worker's step
+    must wait for it (the worker waits on the D2H stream's event, not on the host's order)."""
+    reference, ref = train(config(1))
+    on_grad = W.WeightOffload._on_grad
+
+    def late(self, L, p, i):
+        torch.cuda._sleep(SLEEP // 10)
+        p.grad = p.grad * 1.0  # the gradient now lives in memory written only after the sleep
+        return on_grad(self, L, p, i)
+    monkeypatch.setattr(W.WeightOffload, "_on_grad", late)
+    delayed, engine = train(config(1))
+    assert info(engine)["weights_speculated_steps"] == 6
+    assert delayed == reference
+    _close(ref, engine)
+
+
+def test_the_next_forward_waits_for_a_slow_step(dist, monkeypatch):
+    """The worker's step during backward made slow: step() returns before it is done, and the next forward's
+    fetch of that layer (prefetch skips it, the use blocks) must wait for the written weights."""
+    reference, ref = train(config(2))
+    import ds_offload.optimizer.tail_steps as T
+    real = T.TailSteps.step_on_host
+
+    def slow(self, *a, **k):
+        if getattr(a[1], "index", None) == 0:  # the layer the next forward needs first
+            time.sleep(0.2)
+        return real(self, *a, **k)
+    monkeypatch.setattr(T.TailSteps, "step_on_host", slow)
+    delayed, engine = train(config(2))
+    assert info(engine)["weights_speculated_steps"] == 6
+    assert delayed == reference
+    assert all(torch.equal(a, b) for a, b in zip(masters(ref), masters(engine)))
+    _close(ref, engine)
+
+
+def test_reads_after_step_see_the_update(dist, monkeypatch):
+    """step() returns with layer 0's step still running: a state_dict right after must hold the stepped weights."""
+    import ds_offload.optimizer.tail_steps as T
+    real = T.TailSteps.step_on_host
+
+    def slow(self, *a, **k):
+        time.sleep(0.1)
+        return real(self, *a, **k)
+    _, ref = train(config(1, overlap=False), steps=2)
+    monkeypatch.setattr(T.TailSteps, "step_on_host", slow)
+    _, engine = train(config(1), steps=2)
+    sd, want = engine.module.state_dict(), ref.module.state_dict()
+    assert all(torch.equal(sd[k].cpu(), want[k].cpu()) for k in want)
+    _close(ref, engine)
+
+
+def test_pinned_bytes_flat_over_50_steps(dist):
+    torch.manual_seed(0)
+    engine, *_ = ds_offload.initialize(model=GPT(CFG), config=config(1))
+    held = []
+    for step in range(50):
+        x, y = synthetic_batch(CFG, 4, step, device="cuda")
+        engine.backward(engine(x, y))
+        engine.step()
+        if step in (4, 49):
+            torch.cuda.synchronize()
+            held.append(torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0))
+    assert info(engine)["weights_speculated_steps"] == 50
+    assert held[1] == held[0]
+    _close(engine)
