@@ -121,7 +121,13 @@ def table(R, shape, stage):
                           f"without, {'kept' if t['choice'] else 'turned off'}")
         if x.get("weights_speculative"):  # the weight-offloaded layers' CPU steps during backward
             label += (f"; layers stepped during backward in {x.get('weights_speculated_steps', 0)} of "
-                      f"{x.get('warm', 0) + x.get('steps', 0)} steps, {x.get('weights_rollbacks', 0)} taken back")
+                      f"{x.get('warm', 0) + x.get('steps', 0)} steps, {x.get('weights_rollbacks', 0)} taken back; "
+                      f"their CPU time {fmt(x.get('weights_cpu_step_s'))} s per step, host waited "
+                      f"{fmt(x.get('weights_wait_s'))} s for it")
+            t = x.get("weights_trial") or {}
+            if t.get("choice") is not None:
+                label += (f"; its timing trial: {fmt(t.get('with_s'))} s per step with, {fmt(t.get('without_s'))} s "
+                          f"without, {'kept' if t['choice'] else 'turned off'}")
         lines.append("| " + " | ".join([
             name, label, fmt(x["step_s"], 4),
             fmt(x["step_s"] / plain["step_s"], 2) + "x" if plain else "–",

@@ -10,51 +10,82 @@ layer's next fetch does). Otherwise the step is taken back (`cpu_adam.undo_adamw
 the layer takes the step after backward with the real scale. A layer whose gradient is not finite is never
 stepped.
 
-The steps queue last in, first out: by the end of backward the deepest layers are done and the shallow ones
-wait, and the shallowest is the one the next forward needs first.
+The worker takes the newest step whose gradient has landed (ReadyFirstWorker): during backward that is each
+layer as it lands; at the end of backward, of those still waiting, the shallowest, which the next forward
+needs first.
 
 As for the optimizer's share (optimizer/speculate.py), a step that clipped disarms the next backward's
-speculation and one that did not arms it. The gradient a layer's hooks deliver is the reduced one the step
+speculation and one that did not arms it, and the first steps time both schedules and keep the faster (its
+CPU threads compete with the ones launching backward's kernels; where backward is short, that can cost more
+than it hides). The gradient a layer's hooks deliver is the reduced one the step
 reads (weights/offload.py reduces it there), so this applies with any number of ranks; not with gradient
 accumulation (a window of several micro-steps), loss scaling or L2 weight decay (the optimizers check).
 """
 import concurrent.futures
-import queue
+import logging
 import threading
+import time
+
+import torch
+import torch.distributed as tdist
 
 from ..optimizer.cpu_adam import undo_adamw
+from ..optimizer.speculate import Trial
 from ..optimizer.tail_steps import Chunk
 
+logger = logging.getLogger("ds_offload")
 
-class LifoWorker:
-    """One thread running submitted calls, the most recent first."""
+
+class ReadyFirstWorker:
+    """One thread running submitted calls: the most recent of those whose input is ready, else the oldest.
+
+    Why not plain last-in-first-out: the host runs ahead of the GPU, so by the time the worker is free every
+    offloaded layer's step may be queued while only the deepest layers' gradients have landed; the newest (the
+    shallowest layer) would then wait for the end of backward while the ready ones wait behind it. The D2H
+    stream is FIFO, so the ready calls are the oldest ones: the newest of them runs first, and with none ready
+    the oldest, which is the next to be."""
 
     def __init__(self, name):
-        self._queue = queue.LifoQueue()
+        self._items = []  # _items => [(future, fn, ready)] in submission order; ready: a callable, or None (ready)
+        self._cond = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn):
+    def submit(self, fn, ready=None):
         future = concurrent.futures.Future()
-        self._queue.put((future, fn))
+        with self._cond:
+            self._items.append((future, fn, ready))
+            self._cond.notify()
         return future
+
+    def _next(self):
+        with self._cond:
+            while not self._items and not self._closed:
+                self._cond.wait()
+            if not self._items:
+                return None
+            pick = next((i for i in range(len(self._items) - 1, -1, -1)
+                         if self._items[i][2] is None or self._items[i][2]()), 0)
+            return self._items.pop(pick)
 
     def _loop(self):
         while True:
-            item = self._queue.get()
+            item = self._next()
             if item is None:
                 return
-            future, fn = item
+            future, fn, _ = item
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
                 except BaseException as e:  # handed to whoever waits on the future
                     future.set_exception(e)
 
-    def close(self, futures=()):
-        for f in futures:
-            f.exception()  # wait: a call still queued would otherwise run after the sentinel or never
-        self._queue.put(None)
+    def close(self):
+        """Run what is queued, then stop."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
         self._thread.join()
 
 
@@ -69,10 +100,12 @@ class Spec:
 class LayerSpeculation:
     """Starts each offloaded layer's CPU step when its gradient is on the host; keeps or takes it back at step()."""
 
+    trial_steps = 3  # steps timed with it and without before keeping the faster (optimizer/speculate.py's Trial)
+
     def __init__(self, weights, use_torch):
         self.weights = weights  # weights => the WeightOffload whose layers are stepped
         self.use_torch = use_torch  # use_torch => the backend is torch's fused AdamW (the undo's constants)
-        self.worker = LifoWorker("ds_offload_weight_steps")
+        self.worker = ReadyFirstWorker("ds_offload_weight_steps")
         self.armed = True  # armed => this backward's layers are stepped as their gradients arrive
         self.void = False  # void => this backward's steps were taken back (a read between backward and step())
         self.inflight = {}  # inflight => layer index => Spec started this backward, not yet validated
@@ -80,6 +113,10 @@ class LayerSpeculation:
         self.speculated = 0  # speculated => steps in which every layer's step stood
         self.rollbacks = 0  # rollbacks => steps in which some layer's step was taken back
         self._took_back = False  # _took_back => a step of this backward was taken back
+        self.trial = Trial(self.trial_steps)  # trial => whether stepping during backward pays here, measured
+        self.steps = 0  # steps => optimizer steps seen (end_step calls)
+        self.cpu_s = 0.0  # cpu_s => the worker's time stepping layers, summed (from gradient landed to cast done)
+        self.wait_s = 0.0  # wait_s => host time the fetches and step() spent waiting for kept steps, summed
 
     # ------------------------------------------------------------------------------- backward
     def start(self, L, runs, event, finite):
@@ -94,10 +131,12 @@ class LayerSpeculation:
                 event.synchronize()
             if not bool(finite):
                 return False  # an overflow or a NaN: step() skips or redoes; no Adam state is touched
+            t0 = time.perf_counter()
             w.tail_steps.step_on_host(L.bucket_id, L, L.working, lambda a, b: _clip(runs, a, b), Chunk(0, L.numel),
                                       1.0)
+            self.cpu_s += time.perf_counter() - t0
             return True
-        self.inflight[L.index] = Spec(runs, self.worker.submit(run))
+        self.inflight[L.index] = Spec(runs, self.worker.submit(run, event.query if event is not None else None))
 
     # ----------------------------------------------------------------------------------- step
     def validate(self, L, runs, inverse_scale):
@@ -113,12 +152,30 @@ class LayerSpeculation:
 
     def end_step(self, clipped):
         """After step()'s jobs: the next backward speculates unless this step clipped or skipped."""
-        if self._took_back:
-            self.rollbacks += 1
-        elif self.kept and len(self.kept) == len(self.weights.layers):
-            self.speculated += 1
-        self.armed = not clipped
+        complete = not self._took_back and bool(self.kept) and len(self.kept) == len(self.weights.layers)
+        self.rollbacks += self._took_back
+        self.speculated += complete
+        if self.trial.record(complete):
+            self._agree()
+            t = self.trial.summary()
+            fmt = lambda x: f"{x:.3f} s" if x is not None else "not timed (every step clipped)"  # noqa: E731
+            logger.info(f"ds_offload: the offloaded layers' CPU steps during backward "
+                        f"{'kept' if t['choice'] else 'turned off'} for this run: {fmt(t['with_s'])} per step with "
+                        f"them, {fmt(t['without_s'])} without")
+        self.armed = not clipped and self.trial.wanted()
         self.void = self._took_back = False
+        self.steps += 1
+
+    def _agree(self):
+        """Every rank keeps the same schedule (each holds a replica of the layers: a rank that takes a step back
+        where another stepped after backward would drift from it by ulps): speculation stays only where all
+        ranks' trials chose it."""
+        group = self.weights.group
+        if group is None or not tdist.is_initialized() or tdist.get_world_size(group) == 1:
+            return
+        choice = torch.tensor([int(bool(self.trial.choice))], device="cuda" if self.weights.on_cuda else "cpu")
+        tdist.all_reduce(choice, op=tdist.ReduceOp.MIN, group=group)
+        self.trial.choice = bool(choice.item())
 
     def wait_kept(self, L, block=True):
         """Before L's weights are read again: its kept step is done. `block=False`: whether it is, without waiting."""
@@ -128,6 +185,10 @@ class LayerSpeculation:
         if not block and not spec.future.done():
             return False
         del self.kept[L.index]
+        if not spec.future.done():
+            t0 = time.perf_counter()
+            spec.future.exception()
+            self.wait_s += time.perf_counter() - t0
         spec.future.result()  # raises a failed step
         return True
 
@@ -165,8 +226,12 @@ class LayerSpeculation:
 def speculation_info(s):
     """`weights_speculative`: whether the layers' CPU steps start during backward (`s`: the LayerSpeculation or
     None); in how many steps all of them stood, in how many some were taken back."""
-    return {"weights_speculative": s is not None, "weights_speculated_steps": s.speculated if s else 0,
-            "weights_rollbacks": s.rollbacks if s else 0}
+    out = {"weights_speculative": s is not None, "weights_speculated_steps": s.speculated if s else 0,
+           "weights_rollbacks": s.rollbacks if s else 0}
+    if s is not None and s.steps:  # per step: the worker's CPU time, and how long the host waited for it
+        out.update(weights_cpu_step_s=s.cpu_s / s.steps, weights_wait_s=s.wait_s / s.steps,
+                   weights_trial=s.trial.summary())
+    return out
 
 
 def _clip(runs, a, b):

@@ -10,13 +10,18 @@ import warnings
 import pytest
 import torch
 
-from ds_offload.weights.speculate import LifoWorker
+from ds_offload.weights.speculate import LayerSpeculation, ReadyFirstWorker
 
 from test_offload import config, make, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dist")]
 
 NEVER = 1e6  # a gradient_clipping that never clips: the scale step() applies is exactly 1
+
+
+@pytest.fixture(autouse=True)
+def no_trial(monkeypatch):
+    monkeypatch.setattr(LayerSpeculation, "trial_steps", None)  # every step it applies to (the trial: its test)
 
 
 def spec_config(stage, dtype="fp32", clip=NEVER, overlap=True, **kw):
@@ -27,6 +32,7 @@ def spec_config(stage, dtype="fp32", clip=NEVER, overlap=True, **kw):
 
 
 def masters(engine):
+    engine.ds_offload.wait()  # a raw read of the buffers: the last step's kept steps may still be running
     return [L.master.clone() for L in engine.ds_offload.weights.layers]
 
 
@@ -117,6 +123,7 @@ def test_a_state_dict_between_backward_and_step_sees_no_step():
 def test_a_non_finite_gradient_is_never_stepped():
     engine = make(spec_config(1))
     run(engine, 1)
+    engine.ds_offload.wait()
     layers = engine.ds_offload.weights.layers
     before = [(L.master.clone(), L.exp_avg.clone(), L.exp_avg_sq.clone(), L.step) for L in layers]
     poisoned = layers[0].params[0]
@@ -157,16 +164,60 @@ def test_off_where_the_hooks_gradient_is_not_the_one_stepped():
         e.ds_offload.close()
 
 
-def test_the_worker_runs_the_latest_first():
+def test_the_worker_runs_the_newest_ready_call_first():
     gate, order = threading.Event(), []
-    worker = LifoWorker("test")
+    worker = ReadyFirstWorker("test")
     first = worker.submit(gate.wait)
-    later = [worker.submit(lambda i=i: order.append(i)) for i in range(3)]
+    later = [worker.submit(lambda i=i: order.append(i)) for i in range(3)]  # no readiness: ready
     gate.set()
-    worker.close([first, *later])
+    for f in [first, *later]:
+        f.result(timeout=10)
     assert order == [2, 1, 0]
-    failing = LifoWorker("test")
+    # with readiness (a gradient's copy landed): the newest ready first; none ready: the oldest (next to be)
+    gate.clear()
+    order.clear()
+    landed = {0: True, 1: True, 2: False}
+    first = worker.submit(gate.wait)
+    later = [worker.submit(lambda i=i: order.append(i), ready=lambda i=i: landed[i]) for i in range(3)]
+    gate.set()
+    for f in [first, *later]:
+        f.result(timeout=10)
+    assert order == [1, 0, 2]
+    worker.close()
+    failing = ReadyFirstWorker("test")
     f = failing.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         f.result()
-    failing.close([f])
+    failing.close()
+
+
+def test_the_trial_turns_it_off_where_it_costs(monkeypatch):
+    """Steps during backward made slow (the next forward waits for them): the timing trial keeps the schedule
+    that steps after backward, and says so."""
+    import logging
+    import time
+
+    import ds_offload.optimizer.tail_steps as T
+    monkeypatch.setattr(LayerSpeculation, "trial_steps", 2)
+    real = T.TailSteps.step_on_host
+
+    def slow(self, *a, **k):
+        if threading.current_thread().name == "ds_offload_weight_steps":
+            time.sleep(0.3)
+        return real(self, *a, **k)
+    monkeypatch.setattr(T.TailSteps, "step_on_host", slow)
+    engine = make(spec_config(1))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("ds_offload").addHandler(handler)
+    logging.getLogger("ds_offload").setLevel(logging.INFO)
+    try:
+        run(engine, 8)
+    finally:
+        logging.getLogger("ds_offload").removeHandler(handler)
+    t = info(engine)["weights_trial"]
+    assert t["choice"] is False and t["with_s"] > t["without_s"]
+    assert info(engine)["weights_speculated_steps"] == 4  # steps 0-3 (2 warm-up, 2 timed), 4-5 without, then off
+    assert any("turned off" in r.getMessage() for r in records)
+    engine.ds_offload.close()
