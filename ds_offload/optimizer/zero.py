@@ -73,7 +73,11 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         # The offloaded layers' CPU steps during backward (weights/speculate.py), where the hook's gradient is
         # the one step() reads times 1 (their reduction is weights/offload.py's, so any number of ranks).
         layer_steps = w is not None and o.overlap_cpu_optimizer_d2h_h2d and self._unscaled_and_decoupled()
-        mode = pick_worker_mode(None, cuda, deferred or layer_steps, o.use_torch_optimizer_for_cpu_offload)
+        # Not a worker process for the layers' steps alone: they run in their own thread with the inline op
+        # (holding the GIL ~1 ms per span). Through a process, measured on an H200 (reference GPT, N=8), each
+        # layer's step took 32 ms (a pipe round trip per span, a second thread pool beside the cast's) against
+        # ~15 ms inline, more than stepping during backward hid.
+        mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
         mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
                                       use_process=mode == "process")
