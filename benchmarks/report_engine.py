@@ -194,6 +194,8 @@ def targets(R):
     for shape, stage in gs:
         if shape not in ("reference", "llama", "reference-fresh", "llama-fresh"):
             continue
+        if not any((shape, f"eng_z{stage}_opt_f{int(f * 100)}") in R.by for f in OPT_STEP):
+            continue  # a run of other cases of this group (their lines would all read "not measured")
         for f, lim in OPT_STEP.items():
             c = f"eng_z{stage}_opt_f{int(f * 100)}"
             L.append(_step_target(R, shape, stage, c, lim, f"f={f}"))
@@ -207,7 +209,8 @@ def targets(R):
         L.append(_parity_line(R, shape, stage, f"eng_z{stage}_opt_f50", "f=0.5"))
     L += [""] + parity50() + ["", "### Weight offload of the first N layers", ""]
     for shape, stage in gs:
-        if shape != "reference":
+        if shape not in ("reference", "reference-fresh") or \
+                not any((shape, f"eng_z{stage}_{key}") in R.by for key in WEIGHTS_STEP):
             continue
         for key, lim in WEIGHTS_STEP.items():
             c = f"eng_z{stage}_{key}"
