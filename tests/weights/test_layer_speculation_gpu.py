@@ -32,7 +32,7 @@ def deterministic(monkeypatch):
     torch.use_deterministic_algorithms(False)
 
 
-def config(stage, overlap=True, clip=NO_CLIP, activations=False, weights=True):
+def config(stage, overlap=True, clip=NO_CLIP, activations=False, weights=True, fraction=None):
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": clip, "bf16": {"enabled": True},
            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
@@ -41,6 +41,8 @@ def config(stage, overlap=True, clip=NO_CLIP, activations=False, weights=True):
             "model": {"cpu_offloading": True, "cpu_offloading_num_layers": N, "cpu_offloading_weights": True,
                       "cpu_offloading_activations": activations},
             "optimizer": {"overlap_cpu_optimizer_d2h_h2d": overlap}}
+        if fraction is not None:
+            cfg["cpu_offloading"]["optimizer"].update(optimizer_cpu_offload=True, optimizer_offload_fraction=fraction)
     return cfg
 
 
@@ -77,6 +79,22 @@ def test_kept_equals_the_step_after_backward(dist, stage, activations):
     after, e0 = train(config(stage, overlap=False, activations=activations))
     during, e1 = train(config(stage, activations=activations))
     assert info(e1)["weights_speculated_steps"] == 6 and info(e1)["weights_rollbacks"] == 0
+    assert during == after
+    assert all(torch.equal(a, b) for a, b in zip(masters(e0), masters(e1)))
+    _close(e0, e1)
+
+
+def test_with_the_optimizer_share_stepped_during_backward_too(dist, monkeypatch):
+    """Weights of the first layers and half of the rest's optimizer on the CPU, overlap on: the optimizer's
+    deferred schedule needs the worker process, which the layers' steps during backward then share (one run at a
+    time, the backend's lock) with the optimizer's own steps during backward. Nothing clips: equal bit for bit
+    to the same config with the overlap off."""
+    from ds_offload.optimizer.zero import HybridZeroOptimizer
+    monkeypatch.setattr(HybridZeroOptimizer, "speculation_trial_steps", None)
+    after, e0 = train(config(1, overlap=False, fraction=0.5))
+    during, e1 = train(config(1, fraction=0.5))
+    assert e1.optimizer.backend.use_process and e1.optimizer.speculation is not None
+    assert info(e1)["weights_speculated_steps"] == 6 and e1.optimizer.speculation.speculated == 6
     assert during == after
     assert all(torch.equal(a, b) for a, b in zip(masters(e0), masters(e1)))
     _close(e0, e1)
