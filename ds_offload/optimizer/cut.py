@@ -12,6 +12,11 @@ import torch
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def decoupled(adamw_mode, param_groups):
+    """Weight decay that `cpu_adam.undo_adamw` can take back: decoupled (AdamW), or none."""
+    return adamw_mode or all(float(g["weight_decay"]) == 0 for g in param_groups)
+
+
 @contextlib.contextmanager
 def whole_state(inner, heads, tails):
     """Swap whole fp32 tensors (CPU: head, then tail master) and whole moments into `inner` (the torch optimizer

@@ -60,13 +60,9 @@ class HybridFusedOptimizer(FP16_Optimizer):
         cuts = [int(round(fraction * n)) for n in sizes]
         deferred = o.overlap_cpu_optimizer_d2h_h2d and any(cuts)
         # The offloaded layers' CPU steps during backward (weights/speculate.py): no loss scaling, decoupled decay.
-        decoupled = self.adamw_mode or all(float(g["weight_decay"]) == 0 for g in self.optimizer.param_groups)
-        layer_steps = (w is not None and o.overlap_cpu_optimizer_d2h_h2d and decoupled
-                       and not self.loss_scale_config.use_grad_scaling)
-        # Not a worker process for the layers' steps alone: they run in their own thread with the inline op
-        # (holding the GIL ~1 ms per span). Through a process, measured on an H200 (reference GPT, N=8), each
-        # layer's step took 32 ms (a pipe round trip per span, a second thread pool beside the cast's) against
-        # ~15 ms inline, more than stepping during backward hid.
+        layer_steps = (w is not None and o.overlap_cpu_optimizer_d2h_h2d and not self.loss_scale_config.use_grad_scaling
+                       and cut.decoupled(self.adamw_mode, self.optimizer.param_groups))
+        # overlap for pick_worker_mode is `deferred` alone: the layers' steps need no worker (its docstring)
         mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
         mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,

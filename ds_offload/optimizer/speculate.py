@@ -78,6 +78,13 @@ class Trial:
         on, off = (statistics.median(self.times[k]) if self.times[k] else None for k in (True, False))
         return {"choice": self.choice, "with_s": on, "without_s": off}
 
+    def verdict(self, what):
+        """The line logged once the trial has decided; `what`: the steps it timed ("the CPU share's step")."""
+        t = self.summary()
+        fmt = lambda x: f"{x:.3f} s" if x is not None else "not timed (every step clipped)"  # noqa: E731
+        return (f"ds_offload: {what} during backward {'kept' if t['choice'] else 'turned off'} for this run: "
+                f"{fmt(t['with_s'])} per step with it, {fmt(t['without_s'])} without")
+
 
 class Speculation:
     """Collects the tails' gradients as backward produces them and starts their chunks' CPU steps."""
@@ -223,10 +230,7 @@ class Speculation:
         self.last = dict(chunks)
         self.rollbacks += bool(rolled_back)
         if self.trial.record(self.this_step) and self.verbose:
-            t = self.trial.summary()
-            fmt = lambda x: f"{x:.3f} s" if x is not None else "not timed (every step clipped)"  # noqa: E731
-            logger.info(f"ds_offload: the CPU share's step during backward {'kept' if t['choice'] else 'turned off'}"
-                        f" for this run: {fmt(t['with_s'])} per step with it, {fmt(t['without_s'])} without")
+            logger.info(self.trial.verdict("the CPU share's step"))
         self.armed = not clipped and self.trial.wanted()
         self.this_step = False
 

@@ -73,10 +73,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
         # The offloaded layers' CPU steps during backward (weights/speculate.py), where the hook's gradient is
         # the one step() reads times 1 (their reduction is weights/offload.py's, so any number of ranks).
         layer_steps = w is not None and o.overlap_cpu_optimizer_d2h_h2d and self._unscaled_and_decoupled()
-        # Not a worker process for the layers' steps alone: they run in their own thread with the inline op
-        # (holding the GIL ~1 ms per span). Through a process, measured on an H200 (reference GPT, N=8), each
-        # layer's step took 32 ms (a pipe round trip per span, a second thread pool beside the cast's) against
-        # ~15 ms inline, more than stepping during backward hid.
+        # overlap for pick_worker_mode is `deferred` alone: the layers' steps need no worker (its docstring)
         mode = pick_worker_mode(None, cuda, deferred, o.use_torch_optimizer_for_cpu_offload)
         mode = fit_worker_mode_to_shared_memory(mode, sum(cuts) + (w.numel if w is not None else 0))
         self.backend = CpuAdamBackend(o.use_torch_optimizer_for_cpu_offload, self.adamw_mode,
@@ -118,8 +115,7 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def _unscaled_and_decoupled(self):
         """No loss scaling (so step() multiplies gradients by exactly 1 unless it clips) and weight decay that
         Adam's undo can take back (decoupled, or none)."""
-        decoupled = self.adamw_mode or all(float(g["weight_decay"]) == 0 for g in self.optimizer.param_groups)
-        return decoupled and not self.dynamic_loss_scale and float(self.loss_scale) == 1.0
+        return cut.decoupled(self.adamw_mode, self.optimizer.param_groups) and not self.dynamic_loss_scale and float(self.loss_scale) == 1.0
 
     def _make_speculation(self):
         """A Speculation where a parameter's gradient at its hook is what step() will read, else None."""

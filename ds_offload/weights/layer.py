@@ -1,6 +1,11 @@
 """One offloaded layer's host buffers and per-step state, and what its forward saves in place of a weight."""
 
 
+def clip_runs(runs, a, b):
+    """The CPU Adam runs `runs` (from `OffloadedLayer.runs`) cut to the elements [a, b)."""
+    return [(max(a, s), min(b, e), *h) for s, e, *h in runs if s < b and a < e]
+
+
 class SavedWeight:
     """What the forward saved instead of a weight: where to find it again in backward."""
     __slots__ = ("layer", "size", "stride", "offset")

@@ -21,6 +21,7 @@ With `overlap_cpu_optimizer_d2h_h2d`, each layer's CPU step starts as soon as it
 during backward, and `step()` keeps or redoes it (speculate.py).
 """
 import concurrent.futures
+import functools
 
 import torch
 import torch.distributed as tdist
@@ -30,7 +31,7 @@ from ..errors import ConfigError
 from ..optimizer.layout import host_buffer
 from ..optimizer.tail_steps import Chunk, chunk_spans, land_before_state_dicts
 from ..optimizer.transfers import make_streams
-from .layer import OffloadedLayer, SavedOuter, SavedWeight
+from .layer import OffloadedLayer, SavedOuter, SavedWeight, clip_runs
 from .speculate import LayerSpeculation, speculation_info
 
 
@@ -338,9 +339,7 @@ class WeightOffload:
                     L.accumulated = False
                     continue
                 spec.wait_kept(L)  # the last step's, if no fetch waited for it (a layer the forward skipped)
-
-            def runs_of(a, b, runs=runs):
-                return [(max(a, s), min(b, e), *h) for s, e, *h in runs if s < b and a < e]
+            runs_of = functools.partial(clip_runs, runs)
             chunks = [Chunk(a, b) for a, b in chunk_spans(L.numel)]
             L.update_keys = [(L.bucket_id, k) for k in range(len(chunks))]
             L.step += 1

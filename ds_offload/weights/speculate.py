@@ -22,6 +22,7 @@ reads (weights/offload.py reduces it there), so this applies with any number of 
 accumulation (a window of several micro-steps), loss scaling or L2 weight decay (the optimizers check).
 """
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ import torch.distributed as tdist
 from ..optimizer.cpu_adam import undo_adamw
 from ..optimizer.speculate import Trial
 from ..optimizer.tail_steps import Chunk
+from .layer import clip_runs
 
 logger = logging.getLogger("ds_offload")
 
@@ -114,7 +116,6 @@ class LayerSpeculation:
         self.rollbacks = 0  # rollbacks => steps in which some layer's step was taken back
         self._took_back = False  # _took_back => a step of this backward was taken back
         self.trial = Trial(self.trial_steps)  # trial => whether stepping during backward pays here, measured
-        self.steps = 0  # steps => optimizer steps seen (end_step calls)
         self.cpu_s = 0.0  # cpu_s => the worker's time stepping layers, summed (from gradient landed to cast done)
         self.wait_s = 0.0  # wait_s => host time the fetches and step() spent waiting for kept steps, summed
 
@@ -132,8 +133,8 @@ class LayerSpeculation:
             if not bool(finite):
                 return False  # an overflow or a NaN: step() skips or redoes; no Adam state is touched
             t0 = time.perf_counter()
-            w.tail_steps.step_on_host(L.bucket_id, L, L.working, lambda a, b: _clip(runs, a, b), Chunk(0, L.numel),
-                                      1.0)
+            w.tail_steps.step_on_host(L.bucket_id, L, L.working, functools.partial(clip_runs, runs),
+                                      Chunk(0, L.numel), 1.0)
             self.cpu_s += time.perf_counter() - t0
             return True
         self.inflight[L.index] = Spec(runs, self.worker.submit(run, event.query if event is not None else None))
@@ -157,14 +158,9 @@ class LayerSpeculation:
         self.speculated += complete
         if self.trial.record(complete):
             self._agree()
-            t = self.trial.summary()
-            fmt = lambda x: f"{x:.3f} s" if x is not None else "not timed (every step clipped)"  # noqa: E731
-            logger.info(f"ds_offload: the offloaded layers' CPU steps during backward "
-                        f"{'kept' if t['choice'] else 'turned off'} for this run: {fmt(t['with_s'])} per step with "
-                        f"them, {fmt(t['without_s'])} without")
+            logger.info(self.trial.verdict("the offloaded layers' CPU steps"))
         self.armed = not clipped and self.trial.wanted()
         self.void = self._took_back = False
-        self.steps += 1
 
     def _agree(self):
         """Every rank keeps the same schedule (each holds a replica of the layers: a rank that takes a step back
@@ -228,11 +224,8 @@ def speculation_info(s):
     None); in how many steps all of them stood, in how many some were taken back."""
     out = {"weights_speculative": s is not None, "weights_speculated_steps": s.speculated if s else 0,
            "weights_rollbacks": s.rollbacks if s else 0}
-    if s is not None and s.steps:  # per step: the worker's CPU time, and how long the host waited for it
-        out.update(weights_cpu_step_s=s.cpu_s / s.steps, weights_wait_s=s.wait_s / s.steps,
+    if s is not None and s.trial.step:  # per step: the worker's CPU time, and how long the host waited for it
+        out.update(weights_cpu_step_s=s.cpu_s / s.trial.step, weights_wait_s=s.wait_s / s.trial.step,
                    weights_trial=s.trial.summary())
     return out
 
-
-def _clip(runs, a, b):
-    return [(max(a, s), min(b, e), *h) for s, e, *h in runs if s < b and a < e]

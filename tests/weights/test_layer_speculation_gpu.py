@@ -13,13 +13,14 @@ import torch
 
 import ds_offload
 import ds_offload.weights.offload as W
-from ds_offload.models import GPT, GPTConfig, synthetic_batch
+from ds_offload.models import GPT, synthetic_batch
+
+from test_offload_gpu import CFG, N, SLEEP, _close
+from test_offload_gpu import config as base_config
+from test_offload_gpu import train as _train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
-CFG = GPTConfig(vocab_size=1024, hidden=256, num_layers=6, num_heads=4, seq_len=128)
-N = 3
-SLEEP = int(2e8)  # GPU cycles, ~0.1 s: longer than any copy here
 NO_CLIP = 1e4  # clipping on, never clipping: every step during backward stands
 
 
@@ -33,30 +34,15 @@ def deterministic(monkeypatch):
 
 
 def config(stage, overlap=True, clip=NO_CLIP, activations=False, weights=True, fraction=None):
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": clip, "bf16": {"enabled": True},
-           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
+    cfg = base_config(stage, weights=weights, activations=activations, fraction=fraction)
+    cfg["gradient_clipping"] = clip
     if weights:
-        cfg["cpu_offloading"] = {
-            "model": {"cpu_offloading": True, "cpu_offloading_num_layers": N, "cpu_offloading_weights": True,
-                      "cpu_offloading_activations": activations},
-            "optimizer": {"overlap_cpu_optimizer_d2h_h2d": overlap}}
-        if fraction is not None:
-            cfg["cpu_offloading"]["optimizer"].update(optimizer_cpu_offload=True, optimizer_offload_fraction=fraction)
+        cfg["cpu_offloading"].setdefault("optimizer", {})["overlap_cpu_optimizer_d2h_h2d"] = overlap
     return cfg
 
 
 def train(cfg, steps=6, init=None):
-    torch.manual_seed(0)
-    engine, *_ = (init or ds_offload.initialize)(model=GPT(CFG), config=cfg)
-    losses = []
-    for step in range(steps):
-        x, y = synthetic_batch(CFG, 4, step, device="cuda")
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach())  # no .item(): that would synchronize and hide the races
-    return [v.item() for v in losses], engine
+    return _train(cfg, steps, init)
 
 
 def masters(engine):
@@ -66,12 +52,6 @@ def masters(engine):
 
 def info(engine):
     return engine.ds_offload.weights.speculation_info()
-
-
-def _close(*engines):
-    for e in engines:
-        if hasattr(e, "ds_offload"):
-            e.ds_offload.close()
 
 
 @pytest.mark.parametrize("stage,activations", [(0, False), (1, False), (2, False), (1, True)])
