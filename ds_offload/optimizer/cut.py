@@ -6,6 +6,7 @@ so what is saved is DeepSpeed's own layout (each group's whole fp32 copy and who
 the GPU head and the CPU tail for the save and taken apart again after a load.
 """
 import contextlib
+import warnings
 
 import torch
 
@@ -15,6 +16,14 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def decoupled(adamw_mode, param_groups):
     """Weight decay that `cpu_adam.undo_adamw` can take back: decoupled (AdamW), or none."""
     return adamw_mode or all(float(g["weight_decay"]) == 0 for g in param_groups)
+
+
+def warn_overlap_does_nothing():
+    """Weights offloaded, no optimizer share, and the layers' steps during backward impossible: the key is idle."""
+    warnings.warn("cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d: the offloaded layers' CPU step can start "
+                  "during backward only without loss scaling and with decoupled weight decay (AdamW), and without "
+                  "optimizer_cpu_offload there is nothing else to overlap: the key changes nothing here. Fix: leave "
+                  "it out, or use bf16/fp32 with AdamW.", stacklevel=3)
 
 
 @contextlib.contextmanager

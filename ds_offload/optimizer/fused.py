@@ -101,6 +101,8 @@ class HybridFusedOptimizer(FP16_Optimizer):
             w.boundary = self.deepspeed.is_gradient_accumulation_boundary
             if layer_steps:
                 w.speculate(self.optimizer.param_groups, o.use_torch_optimizer_for_cpu_offload)
+            elif o.overlap_cpu_optimizer_d2h_h2d and not any(cuts) and torch.distributed.get_rank() == 0:
+                cut.warn_overlap_does_nothing()
         if any(self.tails) or w is not None:
             self.backend.start()
         if w is not None:

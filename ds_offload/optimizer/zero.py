@@ -94,11 +94,9 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
             self.tails.append(tail)
         self._unlink_hp_params()
         busy = any(self.tails) or w is not None
-        if o.overlap_cpu_optimizer_d2h_h2d and not any(cuts) and not layer_steps and dist.get_rank() == 0:
-            warnings.warn("cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d: the offloaded layers' CPU step can "
-                          "start during backward only without loss scaling and with decoupled weight decay (AdamW), "
-                          "and without optimizer_cpu_offload there is nothing else to overlap: the key changes "
-                          "nothing here. Fix: leave it out, or use bf16/fp32 with AdamW.", stacklevel=2)
+        if o.overlap_cpu_optimizer_d2h_h2d and not any(cuts) and w is not None and not layer_steps \
+                and dist.get_rank() == 0:
+            cut.warn_overlap_does_nothing()
         self.tail_steps = TailSteps(self.backend, deferred, cuda)
         self.speculation = self._make_speculation()
         self._hook_handles = []  # _hook_handles => forward and (load_)state_dict pre-hooks from attach()

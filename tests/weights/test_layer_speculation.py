@@ -143,6 +143,20 @@ def test_a_non_finite_gradient_is_never_stepped():
     engine.ds_offload.close()
 
 
+@pytest.mark.parametrize("stage,dtype", [(0, "bf16"), (2, "fp32")])
+def test_an_idle_overlap_key_is_said(stage, dtype):
+    """L2 weight decay, no optimizer share: the key would do nothing (ZeRO-0's FP16_Optimizer and ZeRO-1/2)."""
+    cfg = spec_config(stage, dtype)
+    cfg["optimizer"] = {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.01, "adam_w_mode": False}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = make(cfg)
+    assert engine.ds_offload.weights.speculation is None
+    said = [w for w in caught if "changes nothing" in str(w.message)]
+    assert len(said) == 1 and "cpu_offloading.optimizer.overlap_cpu_optimizer_d2h_h2d" in str(said[0].message)
+    engine.ds_offload.close()
+
+
 def test_off_where_the_hooks_gradient_is_not_the_one_stepped():
     off = make(spec_config(1, overlap=False))
     assert off.ds_offload.weights.speculation is None
