@@ -195,7 +195,9 @@ class DSBuild:
         os.makedirs(self.ext_dir, exist_ok=True)
         self.t0 = time.perf_counter()
         code = ("import time; t=time.perf_counter(); from deepspeed.ops.op_builder import CPUAdamBuilder; "
-                "CPUAdamBuilder().load(); print('CPU Adam op ready in %.1f s' % (time.perf_counter()-t))")
+                "CPUAdamBuilder().load(); from ds_offload.optimizer import ds_op; "
+                "print('GIL-free build:', ds_op.gil_free_op() is not None); "
+                "print('CPU Adam ops ready in %.1f s' % (time.perf_counter()-t))")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=os.environ.copy(), start_new_session=True)

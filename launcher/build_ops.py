@@ -1,4 +1,5 @@
-"""`ds-offload build-ops`: compile DeepSpeed's CPU Adam op now instead of on first use."""
+"""`ds-offload build-ops`: compile DeepSpeed's CPU Adam op (and ds_offload's GIL-free build of its kernel) now
+instead of on first use."""
 import os
 import time
 
@@ -6,7 +7,17 @@ import click
 
 from . import CONTEXT
 
-OPS = {"cpu_adam": "CPUAdamBuilder", "cpu_adagrad": "CPUAdagradBuilder", "fused_adam": "FusedAdamBuilder"}
+OPS = {"cpu_adam": "CPUAdamBuilder", "cpu_adagrad": "CPUAdagradBuilder", "fused_adam": "FusedAdamBuilder",
+       "cpu_adam_gil_free": None}  # None => ds_offload.optimizer.ds_op's builder (DeepSpeed's kernel, our binding)
+CACHE_NAMES = {"cpu_adam_gil_free": "ds_offload_cpu_adam"}  # name => the JIT cache's name, where they differ
+
+
+def _builder(name):
+    if OPS[name] is None:
+        from ds_offload.optimizer import ds_op
+        return ds_op._builder()
+    import deepspeed.ops.op_builder as ob
+    return getattr(ob, OPS[name])()
 
 
 def fix_cuda_arch_list(echo=click.echo):
@@ -28,6 +39,7 @@ def fix_cuda_arch_list(echo=click.echo):
 
 
 def is_built(name):
+    name = CACHE_NAMES.get(name, name)
     where = op_cache_dir(name)
     return bool(where) and os.path.exists(os.path.join(where, f"{name}.so"))
 
@@ -43,9 +55,8 @@ def op_cache_dir(name):
 
 def build_op(name, verbose=False, echo=click.echo):
     """Build (or load from the cache) one DeepSpeed op, saying what happens; returns seconds taken."""
-    import deepspeed.ops.op_builder as ob
-    builder = getattr(ob, OPS[name])()
-    where = op_cache_dir(name)
+    builder = _builder(name)
+    where = op_cache_dir(CACHE_NAMES.get(name, name))
     if not builder.is_compatible(verbose=True):
         raise click.ClickException(f"DeepSpeed says {name} cannot be built here (see the messages above).")
     if is_built(name):
@@ -62,15 +73,16 @@ def build_op(name, verbose=False, echo=click.echo):
 
 
 @click.command("build-ops", context_settings=CONTEXT)
-@click.option("--op", "ops", type=click.Choice(sorted(OPS)), multiple=True, default=["cpu_adam"], show_default=True,
-              help="Op to build; repeat for several.")
+@click.option("--op", "ops", type=click.Choice(sorted(OPS)), multiple=True,
+              default=["cpu_adam", "cpu_adam_gil_free"], show_default=True, help="Op to build; repeat for several.")
 @click.option("--verbose", is_flag=True, help="Show the compiler's output.")
 def build_ops(ops, verbose):
     """Prebuild DeepSpeed's CPU Adam op, which the hybrid optimizer uses for the CPU share.
 
-    DeepSpeed compiles it just in time on first use, which stalls the first training step for about a
-    minute; building it here once (per machine, Python and torch version) removes that stall. Set
-    TORCH_EXTENSIONS_DIR to put the cache on a shared filesystem for multi-node runs.
+    `cpu_adam_gil_free` is the same kernel with a binding that releases the GIL, which ds_offload steps with
+    (`cpu_adam`, DeepSpeed's own, is its fallback). Both compile just in time on first use, which stalls the
+    first training step for about a minute each; building them here once (per machine, Python and torch
+    version) removes that stall. Set TORCH_EXTENSIONS_DIR to put the cache on a shared filesystem for multi-node runs.
     """
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                           else os.cpu_count() or 1))

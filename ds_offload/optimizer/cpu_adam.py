@@ -6,19 +6,20 @@ launches GPU kernels and the two serialize.
 
 * ``torch``: ``torch._fused_adamw_`` / ``torch._fused_adam_`` on CPU tensors; the dispatcher releases
   the GIL, so a plain background thread overlaps.
-* ``deepspeed`` inline: DeepSpeed's CPU Adam op (the kernel behind ``DeepSpeedCPUAdam``) called in the
-  calling thread. Its binding holds the GIL, so this is only used where nothing else runs (CPU-only
-  machines, overlap off) and gives the same numbers as the process variant.
-* ``deepspeed`` in a worker process: the same op in a spawned process that owns no GPU. The flat
-  buffers live in shared memory (page-locked with cudaHostRegister by the parent when CUDA is there),
-  so the parent only sends (bucket, ranges, hyper-parameters) over a pipe and waits on it, which
-  releases the GIL.
+* ``deepspeed`` in the calling thread: DeepSpeed's CPU Adam kernel (the one behind ``DeepSpeedCPUAdam``),
+  built with a binding that releases the GIL (ds_op.py), so a background thread overlaps here too. Where that
+  build fails, DeepSpeed's own op, whose binding holds the GIL: then only where nothing else runs (CPU-only
+  machines, overlap off).
+* ``deepspeed`` in a worker process: the fallback where the GIL-free build failed and a step must overlap. The
+  same op in a spawned process that owns no GPU; the flat buffers live in shared memory (page-locked with
+  cudaHostRegister by the parent when CUDA is there), so the parent only sends (bucket, ranges,
+  hyper-parameters) over a pipe and waits on it, which releases the GIL.
 
 A "run" is a contiguous range of one bucket that shares one param group and one step count:
 ``(start, end, step_before, lr, beta1, beta2, eps, weight_decay)``.
 
-Which one runs (``pick_worker_mode``): inline without CUDA or with overlap off, else a thread for torch's
-kernel and a process for DeepSpeed's, unless /dev/shm cannot hold the process's buffers.
+Which one runs (``pick_worker_mode``): inline without CUDA or with overlap off, else a thread, or a process for
+DeepSpeed's kernel where only its GIL-holding op exists or /dev/shm cannot hold the process's buffers.
 """
 import contextlib
 import functools
@@ -33,6 +34,8 @@ import warnings
 
 import numpy
 import torch
+
+from . import ds_op
 
 _OPT_ID = 7301  # id inside the worker process, which owns its op alone
 _inline_ids = itertools.count(7302)  # one per inline backend, clear of DeepSpeedCPUAdam's small ids
@@ -50,17 +53,18 @@ def shared_memory_fits(nbytes, path="/dev/shm"):
 
 def pick_worker_mode(requested, on_cuda, overlap, use_torch):
     """Where the CPU step runs: the caller's choice, else inline unless it can overlap with CUDA work, then a
-    thread for torch's GIL-free kernel or a process for DeepSpeed's GIL-holding one.
+    thread for a GIL-free kernel (torch's, or DeepSpeed's through ds_op's build), a process for DeepSpeed's
+    GIL-holding op where that build failed.
 
     `overlap` is the optimizer's deferred schedule only: the weight-offloaded layers' steps during backward
-    (weights/speculate.py) run in their own thread with the inline op (holding the GIL ~1 ms per span). Through
-    a process, measured on an H200 (reference GPT, N=8), each layer's step took 32 ms (a pipe round trip per
-    span, a second thread pool beside the cast's) against ~15 ms inline, more than stepping during backward hid."""
+    (weights/speculate.py) always run in their own thread with the inline op. Through a process, measured on an
+    H200 (reference GPT, N=8), each layer's step took 32 ms (a pipe round trip per span, a second thread pool
+    beside the cast's) against ~15 ms inline."""
     if requested:
         return requested
     if not (on_cuda and overlap):
         return "inline"
-    return "thread" if use_torch else "process"
+    return "thread" if use_torch or ds_op.gil_free_op() is not None else "process"
 
 
 def fit_worker_mode_to_shared_memory(mode, cpu_numel):
@@ -70,12 +74,6 @@ def fit_worker_mode_to_shared_memory(mode, cpu_numel):
                       "CPU Adam in a thread instead (its binding holds the GIL: less overlap)")
         return "thread"
     return mode
-
-
-def _load_ds_op():
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-
-    return CPUAdamBuilder().load()
 
 
 def _ds_runs(op, opt_id, bufs, runs):
@@ -157,7 +155,7 @@ def _worker_main(conn, adamw_mode, buckets, num_threads):
     try:
         if num_threads:
             torch.set_num_threads(num_threads)
-        op = _load_ds_op()
+        op = ds_op.deepspeed_op()  # the parent built it; nothing else runs in this process to need the GIL
         op.create_adam(_OPT_ID, 1e-3, 0.9, 0.999, 1e-8, 0.0, adamw_mode, False)
         conn.send(("ready", None))
     except Exception:  # report instead of leaving the parent blocked
@@ -225,6 +223,7 @@ class CpuAdamBackend:
         self._op = None
         self._proc = None
         self._conn = None
+        self.releases_gil = use_torch  # releases_gil => a step run in a thread lets the others run Python
         # _lock => one run at a time: the worker pipe and the op's per-id state are not for two threads (the
         # optimizer's worker and the weights' steps during backward may both call)
         self._lock = threading.Lock()
@@ -242,11 +241,11 @@ class CpuAdamBackend:
         if self.use_torch:
             return
         if not self.use_process:
-            self._op = _load_ds_op()
+            self._op, self.releases_gil = ds_op.load()
             self._opt_id = next(_inline_ids)
             self._op.create_adam(self._opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, self.adamw_mode, False)
             return
-        _load_ds_op()  # build (or find) the JIT extension once here, so the child only loads it
+        ds_op.deepspeed_op()  # build (or find) the JIT extension once here, so the child only loads it
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         threads = max(1, (os.cpu_count() or 2) - 1)

@@ -93,7 +93,7 @@ def _worker_that_fails_to_start(conn, adamw_mode, buckets, num_threads):
 
 
 def test_worker_start_failure_is_an_error_not_a_hang(monkeypatch):
-    monkeypatch.setattr(cpu_adam, "_load_ds_op", lambda: None)  # the parent's build step: not under test
+    monkeypatch.setattr(cpu_adam.ds_op, "deepspeed_op", lambda: None)  # the parent's build step: not under test
     monkeypatch.setattr(cpu_adam, "_worker_main", _worker_that_fails_to_start)
     backend = CpuAdamBackend(use_torch=False, adamw_mode=True, use_process=True)
     backend.register(buffers(shared=True))
@@ -105,14 +105,16 @@ def test_worker_start_failure_is_an_error_not_a_hang(monkeypatch):
     assert backend._proc is None
 
 
-@pytest.mark.parametrize("requested,on_cuda,overlap,use_torch,mode", [
-    (None, False, True, False, "inline"),  # no CUDA: nothing to overlap with
-    (None, True, False, False, "inline"),  # overlap off
-    (None, True, True, True, "thread"),  # torch's kernel releases the GIL
-    (None, True, True, False, "process"),  # DeepSpeed's binding holds it
-    ("process", False, False, True, "process"),  # the caller's choice wins
+@pytest.mark.parametrize("requested,on_cuda,overlap,use_torch,gil_free,mode", [
+    (None, False, True, False, True, "inline"),  # no CUDA: nothing to overlap with
+    (None, True, False, False, True, "inline"),  # overlap off
+    (None, True, True, True, False, "thread"),  # torch's kernel releases the GIL
+    (None, True, True, False, True, "thread"),  # so does DeepSpeed's kernel through ds_op's build
+    (None, True, True, False, False, "process"),  # where that build failed, DeepSpeed's binding holds it
+    ("process", False, False, True, True, "process"),  # the caller's choice wins
 ])
-def test_pick_worker_mode(requested, on_cuda, overlap, use_torch, mode):
+def test_pick_worker_mode(monkeypatch, requested, on_cuda, overlap, use_torch, gil_free, mode):
+    monkeypatch.setattr(cpu_adam.ds_op, "gil_free_op", lambda: object() if gil_free else None)
     assert pick_worker_mode(requested, on_cuda, overlap, use_torch) == mode
 
 
