@@ -11,6 +11,7 @@ starts on the GPU) in which each gap started. For finding what to make faster, n
 import argparse
 import json
 import os
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -53,18 +54,29 @@ def main():
     eng, *_ = init(model=m, model_parameters=m.parameters(), config=cfg)
     data = [synthetic_batch(s["cfg"], s["mb"], step=i, device="cuda") for i in range(args.warm + args.steps)]
 
+    host = []  # host => per profiled step, perf_counter when forward, backward, step start and step returns
+    spec = getattr(getattr(getattr(eng, "ds_offload", None), "weights", None), "speculation", None)
+
     def step(i):  # a spin kernel on the compute stream marks where each phase starts on the GPU
         x, y = data[i]
+        t = [time.perf_counter()]
         torch.cuda._sleep(1)
         loss = eng(x, y)
+        t.append(time.perf_counter())
         torch.cuda._sleep(1)
         eng.backward(loss)
+        t.append(time.perf_counter())
         torch.cuda._sleep(1)
         eng.step()
+        t.append(time.perf_counter())
+        host.append(t)
 
     for i in range(args.warm):
         step(i)
     torch.cuda.synchronize()
+    host.clear()
+    if spec is not None:
+        spec.events = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(args.warm, args.warm + args.steps):
             step(i)
@@ -106,6 +118,12 @@ def main():
     side = {str(k): round(sum(e.time_range.elapsed_us() for e in v) / 1e3 / args.steps, 2)
             for k, v in streams.items() if k != compute}
     report["other_streams_ms_per_step"] = side
+    if spec is not None:  # the layers' CPU steps on the host clock, ms from the start of the step they fall in
+        for k, t in enumerate(host):
+            end = host[k + 1][0] if k + 1 < len(host) else float("inf")
+            report["steps"][k]["host_phase_ms"] = [round((x - t[0]) * 1e3, 1) for x in t[1:]]
+            report["steps"][k]["layer_events"] = [(w, i, round((x - t[0]) * 1e3, 1)) for w, i, x in spec.events
+                                                  if t[0] <= x < end]
     top = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
     print(json.dumps(report, indent=1))
     print(top)

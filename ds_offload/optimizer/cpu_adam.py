@@ -40,6 +40,20 @@ from . import ds_op
 _OPT_ID = 7301  # id inside the worker process, which owns its op alone
 _inline_ids = itertools.count(7302)  # one per inline backend, clear of DeepSpeedCPUAdam's small ids
 HOST_SPAN_NUMEL_UNDO = 1 << 20  # 4 MiB of fp32 per array: the rollback's temporaries stay in cache
+_worker_threads = threading.local()  # .sized => this (background) thread's OpenMP team size is set
+
+
+def size_worker_team():
+    """In a background thread that steps while the training thread runs: OpenMP teams of one core fewer than the
+    process may use (as the worker process had). A team of every core would share one with the training thread,
+    and a parallel loop waits for its slowest member. torch.set_num_threads sets the calling thread's team size
+    (and the default of threads created after it); the training thread's stays as it was."""
+    if getattr(_worker_threads, "sized", False) or threading.current_thread() is threading.main_thread():
+        return
+    _worker_threads.sized = True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    if cores > 2 and torch.get_num_threads() >= cores:  # a smaller team the user chose stays
+        torch.set_num_threads(cores - 1)
 
 
 def shared_memory_fits(nbytes, path="/dev/shm"):
@@ -223,7 +237,6 @@ class CpuAdamBackend:
         self._op = None
         self._proc = None
         self._conn = None
-        self.releases_gil = use_torch  # releases_gil => a step run in a thread lets the others run Python
         # _lock => one run at a time: the worker pipe and the op's per-id state are not for two threads (the
         # optimizer's worker and the weights' steps during backward may both call)
         self._lock = threading.Lock()
@@ -241,7 +254,7 @@ class CpuAdamBackend:
         if self.use_torch:
             return
         if not self.use_process:
-            self._op, self.releases_gil = ds_op.load()
+            self._op, _ = ds_op.load()
             self._opt_id = next(_inline_ids)
             self._op.create_adam(self._opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, self.adamw_mode, False)
             return
@@ -265,6 +278,7 @@ class CpuAdamBackend:
     def run(self, bucket_id, runs):
         if not runs:
             return
+        size_worker_team()
         with self._lock:
             self._run(bucket_id, runs)
 

@@ -118,6 +118,7 @@ class LayerSpeculation:
         self.trial = Trial(self.trial_steps)  # trial => whether stepping during backward pays here, measured
         self.cpu_s = 0.0  # cpu_s => the worker's time stepping layers, summed (from gradient landed to cast done)
         self.wait_s = 0.0  # wait_s => host time the fetches and step() spent waiting for kept steps, summed
+        self.events = None  # events => a list to append (what, layer index, perf_counter) to, or None (probes set it)
 
     # ------------------------------------------------------------------------------- backward
     def start(self, L, runs, event, finite):
@@ -135,8 +136,13 @@ class LayerSpeculation:
             t0 = time.perf_counter()
             w.tail_steps.step_on_host(L.bucket_id, L, L.working, functools.partial(clip_runs, runs),
                                       Chunk(0, L.numel), 1.0)
-            self.cpu_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.cpu_s += t1 - t0
+            if self.events is not None:
+                self.events += [("landed", L.index, t0), ("stepped", L.index, t1)]
             return True
+        if self.events is not None:
+            self.events.append(("queued", L.index, time.perf_counter()))
         self.inflight[L.index] = Spec(runs, self.worker.submit(run, event.query if event is not None else None))
 
     # ----------------------------------------------------------------------------------- step
@@ -185,6 +191,8 @@ class LayerSpeculation:
             t0 = time.perf_counter()
             spec.future.exception()
             self.wait_s += time.perf_counter() - t0
+            if self.events is not None:
+                self.events += [("wait", L.index, t0), ("waited", L.index, time.perf_counter())]
         spec.future.result()  # raises a failed step
         return True
 

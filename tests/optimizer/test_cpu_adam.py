@@ -129,3 +129,21 @@ def test_worker_process_falls_back_to_a_thread_without_shared_memory(monkeypatch
 def test_shared_memory_fits():
     assert cpu_adam.shared_memory_fits(1 << 20, path="/no/such/mount")  # nothing to run out of
     assert not cpu_adam.shared_memory_fits(1 << 62)
+
+
+def test_a_worker_thread_steps_with_one_core_fewer(monkeypatch):
+    """A background thread's OpenMP team leaves a core to the training thread; the training thread keeps its own."""
+    import threading
+    monkeypatch.setattr(cpu_adam.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    main_before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(8)
+        t = threading.Thread(target=lambda: (cpu_adam.size_worker_team(), seen.append(torch.get_num_threads())))
+        t.start()
+        t.join()
+        assert seen == [7] and torch.get_num_threads() == 8
+        cpu_adam.size_worker_team()  # the training thread itself: untouched
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(main_before)

@@ -64,16 +64,21 @@ def test_kept_equals_the_step_after_backward(dist, stage, activations):
     _close(e0, e1)
 
 
-def test_with_the_optimizer_share_stepped_during_backward_too(dist, monkeypatch):
+@pytest.mark.parametrize("gil_free", [True, False])
+def test_with_the_optimizer_share_stepped_during_backward_too(dist, monkeypatch, gil_free):
     """Weights of the first layers and half of the rest's optimizer on the CPU, overlap on: the optimizer's
-    deferred schedule needs the worker process, which the layers' steps during backward then share (one run at a
-    time, the backend's lock) with the optimizer's own steps during backward. Nothing clips: equal bit for bit
-    to the same config with the overlap off."""
+    deferred schedule steps in a thread (the GIL-free build of DeepSpeed's kernel) or, where that build failed, in
+    the worker process, which the layers' steps during backward then share (one run at a time, the backend's
+    lock) with the optimizer's own steps during backward. Nothing clips: equal bit for bit to the same config
+    with the overlap off."""
+    from ds_offload.optimizer import ds_op
     from ds_offload.optimizer.zero import HybridZeroOptimizer
     monkeypatch.setattr(HybridZeroOptimizer, "speculation_trial_steps", None)
+    if not gil_free:
+        monkeypatch.setattr(ds_op, "gil_free_op", lambda: None)
     after, e0 = train(config(1, overlap=False, fraction=0.5))
     during, e1 = train(config(1, fraction=0.5))
-    assert e1.optimizer.backend.use_process and e1.optimizer.speculation is not None
+    assert e1.optimizer.backend.use_process != gil_free and e1.optimizer.speculation is not None
     assert info(e1)["weights_speculated_steps"] == 6 and e1.optimizer.speculation.speculated == 6
     assert during == after
     assert all(torch.equal(a, b) for a, b in zip(masters(e0), masters(e1)))
