@@ -214,10 +214,11 @@ class TailSteps:
                 for c in job[4]:
                     c.landed.set()  # a failed run wakes its waiters; they find the error in the future
 
-    def step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale, kept=False):
+    def step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale, kept=False, on_span=None):
         """Scale, step and cast a chunk whose weights stay in CPU memory, in cache-sized spans: the three
         passes then read memory once instead of three times (the arithmetic is elementwise, so the same).
-        `kept`: the chunk was stepped during backward; only the cast is left."""
+        `kept`: the chunk was stepped during backward; only the cast is left. `on_span(b)`: called once
+        `lp[c.a:b]` holds the update (spans go in order), so a reader can copy them while the rest is stepped."""
         same = lp.data_ptr() == bufs.master.data_ptr() and lp.dtype == bufs.master.dtype  # fp32: lp is the master
         for a in range(c.a, c.b, HOST_SPAN_NUMEL):
             b = min(a + HOST_SPAN_NUMEL, c.b)
@@ -227,6 +228,8 @@ class TailSteps:
                 self.backend.run(bucket_id, runs_of(a, b))
             if not same:
                 lp[a:b].copy_(bufs.master[a:b])
+            if on_span is not None:
+                on_span(b)
 
     # ------------------------------------------------------------------------------------ waits
     def wait_for(self, keys):

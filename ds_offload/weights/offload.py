@@ -112,11 +112,16 @@ class WeightOffload:
     # -------------------------------------------------------------------------------- transfers
     def _fetch(self, L, block=True):
         """Start bringing L's working copy to the device (after its last CPU update is written). `block=False`
-        (a prefetch): not if that update is a step taken during backward still running; the use fetches it."""
+        (a prefetch): not if that update is a step taken during backward still running; the use fetches it,
+        span by span as the worker writes them (the copy ends a span after the step instead of a layer)."""
         if L.device_copy is not None:
             return
-        if self.speculation is not None and not self.speculation.wait_kept(L, block):
+        spec = self.speculation
+        running = spec.running(L) if spec is not None and self.on_cuda else None
+        if running is not None and not block:
             return
+        if running is None and spec is not None:
+            spec.wait_kept(L)
         self.tail_steps.wait_for(L.update_keys)
         if not self.on_cuda:
             L.device_copy = L.working.clone()
@@ -125,7 +130,10 @@ class WeightOffload:
         buf = torch.empty(L.numel, dtype=L.working.dtype, device=compute.device)
         self.h2d.wait_stream(compute)  # the block may have been freed by kernels still queued there
         with torch.cuda.stream(self.h2d):
-            buf.copy_(L.working, non_blocking=True)
+            if running is not None:
+                spec.copy_while_running(L, running, buf)
+            else:
+                buf.copy_(L.working, non_blocking=True)
             L.fetched = torch.cuda.Event()
             L.fetched.record()
         L.device_copy = buf

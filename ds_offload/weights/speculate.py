@@ -94,9 +94,28 @@ class ReadyFirstWorker:
 class Spec:
     """One layer's CPU step taken during backward."""
 
-    def __init__(self, runs, future):
+    def __init__(self, runs):
         self.runs = runs  # runs => [(a, b, step_before, lr, beta1, beta2, eps, wd)] it was stepped with
-        self.future = future  # future => the worker's run; its result: whether it stepped (False: not finite)
+        self.future = None  # future => the worker's run; its result: whether it stepped (False: not finite)
+        self.written = 0  # written => the layer's working copy holds the step in its elements [0, written)
+        self._cond = threading.Condition()
+
+    def advance(self, b):
+        """The worker wrote the step into the working copy's elements [0, b)."""
+        with self._cond:
+            self.written = b
+            self._cond.notify_all()
+
+    def ended(self, _future=None):
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_written(self, a):
+        """Until more than the first `a` elements are written, or the run ended; returns how many are."""
+        with self._cond:
+            while self.written <= a and not self.future.done():
+                self._cond.wait()
+            return self.written
 
 
 class LayerSpeculation:
@@ -126,7 +145,7 @@ class LayerSpeculation:
         with them, or a bool); step it with `runs` once it is there."""
         if not self.armed or self.void:
             return
-        w = self.weights
+        w, spec = self.weights, Spec(runs)
 
         def run():
             if event is not None:
@@ -135,7 +154,7 @@ class LayerSpeculation:
                 return False  # an overflow or a NaN: step() skips or redoes; no Adam state is touched
             t0 = time.perf_counter()
             w.tail_steps.step_on_host(L.bucket_id, L, L.working, functools.partial(clip_runs, runs),
-                                      Chunk(0, L.numel), 1.0)
+                                      Chunk(0, L.numel), 1.0, on_span=spec.advance)
             t1 = time.perf_counter()
             self.cpu_s += t1 - t0
             if self.events is not None:
@@ -143,7 +162,9 @@ class LayerSpeculation:
             return True
         if self.events is not None:
             self.events.append(("queued", L.index, time.perf_counter()))
-        self.inflight[L.index] = Spec(runs, self.worker.submit(run, event.query if event is not None else None))
+        spec.future = self.worker.submit(run, event.query if event is not None else None)
+        spec.future.add_done_callback(spec.ended)
+        self.inflight[L.index] = spec
 
     # ----------------------------------------------------------------------------------- step
     def validate(self, L, runs, inverse_scale):
@@ -195,6 +216,26 @@ class LayerSpeculation:
                 self.events += [("wait", L.index, t0), ("waited", L.index, time.perf_counter())]
         spec.future.result()  # raises a failed step
         return True
+
+    def running(self, L):
+        """L's kept step if it is still running (its next fetch can copy what is written while it runs), else None."""
+        spec = self.kept.get(L.index)
+        return spec if spec is not None and not spec.future.done() else None
+
+    def copy_while_running(self, L, spec, dest):
+        """Queue copies of L's working copy into `dest` (on the current stream) span by span as its running kept
+        step `spec` writes them; returns with every copy queued and the step done (raises a failed step)."""
+        a, t0 = 0, time.perf_counter()
+        while a < L.numel:
+            b = spec.wait_written(a)
+            if b <= a:
+                break  # the run ended without writing more: failed (wait_kept raises) or nothing to step
+            dest[a:b].copy_(L.working[a:b], non_blocking=True)
+            a = b
+        self.wait_s += time.perf_counter() - t0
+        self.wait_kept(L)
+        if a < L.numel:
+            dest[a:].copy_(L.working[a:], non_blocking=True)
 
     def cancel(self):
         """Take back this backward's steps (a read, a load or a skipped step before step() validated them)."""

@@ -5,6 +5,7 @@ nothing clips the step taken during backward is kept and the runs are equal bit 
 step is taken back and redone, within a few fp32 ulps.
 """
 import threading
+import time
 import warnings
 
 import pytest
@@ -235,3 +236,47 @@ def test_the_trial_turns_it_off_where_it_costs(monkeypatch):
     assert info(engine)["weights_speculated_steps"] == 4  # steps 0-3 (2 warm-up, 2 timed), 4-5 without, then off
     assert any("turned off" in r.getMessage() for r in records)
     engine.ds_offload.close()
+
+
+def _running_kept_step(spans, fail_after=None):
+    """A LayerSpeculation holding one kept step still running in its worker: it writes `spans` of the layer's
+    working copy (value k + 1 in span k) slowly, in order, reporting each (raising after `fail_after` spans)."""
+    from types import SimpleNamespace
+    from ds_offload.weights.speculate import Spec
+    L = SimpleNamespace(index=0, numel=spans[-1], working=torch.zeros(spans[-1]))
+    ls = LayerSpeculation(SimpleNamespace(layers=[L], group=None, on_cuda=False), use_torch=True)
+    spec = Spec([])
+
+    def run():
+        a = 0
+        for k, b in enumerate(spans):
+            if k == fail_after:
+                raise RuntimeError("the CPU step failed")
+            time.sleep(0.05)
+            L.working[a:b] = k + 1
+            spec.advance(b)
+            a = b
+        return True
+    spec.future = ls.worker.submit(run)
+    spec.future.add_done_callback(spec.ended)
+    ls.kept[0] = spec
+    return ls, L, spec
+
+
+def test_a_fetch_copies_spans_as_the_running_step_writes_them():
+    """The next forward's fetch of a layer whose kept step still runs copies each span once it is written (on
+    the GPU, while the rest is stepped): every element it copied holds the update, none the value before."""
+    ls, L, spec = _running_kept_step([3, 7, 10])
+    assert ls.running(L) is spec
+    dest = torch.full((10,), -1.0)
+    ls.copy_while_running(L, spec, dest)
+    assert spec.future.done() and ls.running(L) is None and not ls.kept
+    assert torch.equal(dest, torch.tensor([1.] * 3 + [2.] * 4 + [3.] * 3))
+    ls.close()
+
+
+def test_a_fetch_of_a_failed_running_step_raises_its_error():
+    ls, L, spec = _running_kept_step([3, 7, 10], fail_after=1)
+    with pytest.raises(RuntimeError, match="the CPU step failed"):
+        ls.copy_while_running(L, spec, torch.zeros(10))
+    ls.close()

@@ -137,6 +137,35 @@ def test_the_next_forward_waits_for_a_slow_step(dist, monkeypatch):
     _close(ref, engine)
 
 
+def test_the_next_forward_copies_a_running_step_span_by_span(dist, monkeypatch):
+    """A dozen spans per layer, layer 0's slowed after each: its step is still running when the next forward
+    needs it, so the fetch copies each span as it is written (copy_while_running). A copy ahead of the writes
+    would give that forward old weights: losses and masters must equal the same run without the delay."""
+    import ds_offload.optimizer.tail_steps as T
+    monkeypatch.setattr(T, "HOST_SPAN_NUMEL", 1 << 16)  # on both runs: the same spans, the same arithmetic
+    reference, ref = train(config(2))
+    real, real_copy, streamed = T.TailSteps.step_on_host, W.LayerSpeculation.copy_while_running, []
+
+    def slow_spans(self, *a, on_span=None, **k):
+        if getattr(a[1], "index", None) == 0 and on_span is not None:
+            def late(b):
+                on_span(b)
+                time.sleep(0.01)  # after reporting span k, before writing span k + 1
+            return real(self, *a, on_span=late, **k)
+        return real(self, *a, on_span=on_span, **k)
+
+    def counted(self, L, spec, dest):
+        streamed.append(L.index)
+        return real_copy(self, L, spec, dest)
+    monkeypatch.setattr(T.TailSteps, "step_on_host", slow_spans)
+    monkeypatch.setattr(W.LayerSpeculation, "copy_while_running", counted)
+    delayed, engine = train(config(2))
+    assert streamed and set(streamed) == {0}
+    assert delayed == reference
+    assert all(torch.equal(a, b) for a, b in zip(masters(ref), masters(engine)))
+    _close(ref, engine)
+
+
 def test_reads_after_step_see_the_update(dist, monkeypatch):
     """step() returns with layer 0's step still running: a state_dict right after must hold the stepped weights."""
     import ds_offload.optimizer.tail_steps as T
