@@ -214,19 +214,20 @@ class TailSteps:
                 for c in job[4]:
                     c.landed.set()  # a failed run wakes its waiters; they find the error in the future
 
-    def step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale, kept=False, on_span=None):
+    def step_on_host(self, bucket_id, bufs, lp, runs_of, c, scale, kept=False, on_span=None, cast=True):
         """Scale, step and cast a chunk whose weights stay in CPU memory, in cache-sized spans: the three
         passes then read memory once instead of three times (the arithmetic is elementwise, so the same).
-        `kept`: the chunk was stepped during backward; only the cast is left. `on_span(b)`: called once
-        `lp[c.a:b]` holds the update (spans go in order), so a reader can copy them while the rest is stepped."""
-        same = lp.data_ptr() == bufs.master.data_ptr() and lp.dtype == bufs.master.dtype  # fp32: lp is the master
+        `kept`: the chunk was stepped during backward; only the cast is left. `cast=False`: the caller casts
+        later. `on_span(b)`: called once `lp[c.a:b]` holds the update (the master's [c.a:b] without the cast;
+        spans go in order), so a reader can copy them while the rest is stepped."""
+        no_cast = not cast or lp.data_ptr() == bufs.master.data_ptr() and lp.dtype == bufs.master.dtype  # fp32: lp is it
         for a in range(c.a, c.b, HOST_SPAN_NUMEL):
             b = min(a + HOST_SPAN_NUMEL, c.b)
             if not kept:
                 if scale != 1.0:
                     bufs.grad[a:b].mul_(scale)
                 self.backend.run(bucket_id, runs_of(a, b))
-            if not same:
+            if not no_cast:
                 lp[a:b].copy_(bufs.master[a:b])
             if on_span is not None:
                 on_span(b)

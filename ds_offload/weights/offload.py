@@ -118,10 +118,10 @@ class WeightOffload:
             return
         spec = self.speculation
         running = spec.running(L) if spec is not None and self.on_cuda else None
-        if running is not None and not block:
+        if running is not None and not block and not running.future.done():
             return
         if running is None and spec is not None:
-            spec.wait_kept(L)
+            spec.finish(L)
         self.tail_steps.wait_for(L.update_keys)
         if not self.on_cuda:
             L.device_copy = L.working.clone()
@@ -346,7 +346,7 @@ class WeightOffload:
                     L.step += 1
                     L.accumulated = False
                     continue
-                spec.wait_kept(L)  # the last step's, if no fetch waited for it (a layer the forward skipped)
+                spec.finish(L)  # the last step's, if no fetch waited for it (a layer the forward skipped)
             runs_of = functools.partial(clip_runs, runs)
             chunks = [Chunk(a, b) for a, b in chunk_spans(L.numel)]
             L.update_keys = [(L.bucket_id, k) for k in range(len(chunks))]

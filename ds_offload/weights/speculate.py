@@ -12,7 +12,11 @@ stepped.
 
 The worker takes the newest step whose gradient has landed (ReadyFirstWorker): during backward that is each
 layer as it lands; at the end of backward, of those still waiting, the shallowest, which the next forward
-needs first.
+needs first. On a GPU the CPU steps take about as long as a whole step and backward produces these layers'
+gradients last, so the shallowest layers' steps still run when the next forward needs them. Two things shorten
+that wait: the fetch copies each span as soon as it is stepped (`copy_while_running`), and the step leaves its
+bf16 cast of the working copy for later (`Spec.cast_once`, run when the worker has no step to take, or by the
+first reader): until then the fetch sends the fp32 master and casts on the device, with the same rounding.
 
 As for the optimizer's share (optimizer/speculate.py), a step that clipped disarms the next backward's
 speculation and one that did not arms it, and the first steps time both schedules and keep the faster (its
@@ -39,7 +43,9 @@ logger = logging.getLogger("ds_offload")
 
 
 class ReadyFirstWorker:
-    """One thread running submitted calls: the most recent of those whose input is ready, else the oldest.
+    """One thread running submitted calls: the most recent urgent one whose input is ready, else a ready
+    non-urgent one (the oldest: the deferred casts, which fill the time spent waiting for gradients), else the
+    oldest urgent one.
 
     Why not plain last-in-first-out: the host runs ahead of the GPU, so by the time the worker is free every
     offloaded layer's step may be queued while only the deepest layers' gradients have landed; the newest (the
@@ -48,16 +54,16 @@ class ReadyFirstWorker:
     the oldest, which is the next to be."""
 
     def __init__(self, name):
-        self._items = []  # _items => [(future, fn, ready)] in submission order; ready: a callable, or None (ready)
+        self._items = []  # _items => [(future, fn, ready, urgent)] in submission order; ready: a callable or None
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn, ready=None):
+    def submit(self, fn, ready=None, urgent=True):
         future = concurrent.futures.Future()
         with self._cond:
-            self._items.append((future, fn, ready))
+            self._items.append((future, fn, ready, urgent))
             self._cond.notify()
         return future
 
@@ -67,16 +73,19 @@ class ReadyFirstWorker:
                 self._cond.wait()
             if not self._items:
                 return None
-            pick = next((i for i in range(len(self._items) - 1, -1, -1)
-                         if self._items[i][2] is None or self._items[i][2]()), 0)
-            return self._items.pop(pick)
+            items = self._items
+            ready = [i for i, it in enumerate(items) if it[2] is None or it[2]()]
+            urgent = [i for i in ready if items[i][3]]
+            pick = (urgent[-1] if urgent else ready[0] if ready else
+                    next((i for i, it in enumerate(items) if it[3]), 0))
+            return items.pop(pick)
 
     def _loop(self):
         while True:
             item = self._next()
             if item is None:
                 return
-            future, fn, _ = item
+            future, fn = item[:2]
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
@@ -97,11 +106,29 @@ class Spec:
     def __init__(self, runs):
         self.runs = runs  # runs => [(a, b, step_before, lr, beta1, beta2, eps, wd)] it was stepped with
         self.future = None  # future => the worker's run; its result: whether it stepped (False: not finite)
-        self.written = 0  # written => the layer's working copy holds the step in its elements [0, written)
+        self.written = 0  # written => elements [0, written) hold the step (the working copy's; if deferred, the master's)
+        self.deferred = False  # deferred => the run leaves the bf16 cast of the working copy to cast_once
+        self.cast_done = threading.Event()  # cast_done => the working copy holds the step (or nothing to cast)
         self._cond = threading.Condition()
+        self._cast_lock = threading.Lock()
+
+    def cast_once(self, L):
+        """Cast L's master into its working copy, once, in whichever thread asks first (the worker when it is
+        idle; a read, a fetch for backward, a take-back or L's next step otherwise); the others wait for it."""
+        if self.cast_done.is_set():
+            return 0.0
+        if not self.future.done():  # every caller waited for the run (the worker ran it before): a bug otherwise
+            raise RuntimeError(f"layer {L.index}'s working copy cast before its CPU step ended; this is a bug")
+        with self._cast_lock:
+            t0 = time.perf_counter()
+            if not self.cast_done.is_set():
+                if self.deferred and self.future.exception() is None and self.future.result():
+                    L.working.copy_(L.master)
+                self.cast_done.set()
+            return time.perf_counter() - t0
 
     def advance(self, b):
-        """The worker wrote the step into the working copy's elements [0, b)."""
+        """The worker wrote the step into elements [0, b)."""
         with self._cond:
             self.written = b
             self._cond.notify_all()
@@ -131,6 +158,7 @@ class LayerSpeculation:
         self.void = False  # void => this backward's steps were taken back (a read between backward and step())
         self.inflight = {}  # inflight => layer index => Spec started this backward, not yet validated
         self.kept = {}  # kept => layer index => Spec that step() kept, whose weights the layer's next fetch waits for
+        self.last = {}  # last => layer index => the last kept Spec, whose deferred cast a read may still need
         self.speculated = 0  # speculated => steps in which every layer's step stood
         self.rollbacks = 0  # rollbacks => steps in which some layer's step was taken back
         self._took_back = False  # _took_back => a step of this backward was taken back
@@ -145,25 +173,35 @@ class LayerSpeculation:
         with them, or a bool); step it with `runs` once it is there."""
         if not self.armed or self.void:
             return
-        w, spec = self.weights, Spec(runs)
+        w, spec, before = self.weights, Spec(runs), self.last.get(L.index)
+        spec.deferred = w.on_cuda and L.working is not L.master and L.master.is_pinned()
 
         def run():
             if event is not None:
                 event.synchronize()
+            if before is not None:
+                self.cpu_s += before.cast_once(L)  # the last step's cast, if still queued: before the master moves
             if not bool(finite):
                 return False  # an overflow or a NaN: step() skips or redoes; no Adam state is touched
             t0 = time.perf_counter()
             w.tail_steps.step_on_host(L.bucket_id, L, L.working, functools.partial(clip_runs, runs),
-                                      Chunk(0, L.numel), 1.0, on_span=spec.advance)
+                                      Chunk(0, L.numel), 1.0, cast=not spec.deferred, on_span=spec.advance)
             t1 = time.perf_counter()
             self.cpu_s += t1 - t0
             if self.events is not None:
                 self.events += [("landed", L.index, t0), ("stepped", L.index, t1)]
             return True
+
+        def cast():
+            self.cpu_s += spec.cast_once(L)
         if self.events is not None:
             self.events.append(("queued", L.index, time.perf_counter()))
         spec.future = self.worker.submit(run, event.query if event is not None else None)
         spec.future.add_done_callback(spec.ended)
+        if spec.deferred:
+            self.worker.submit(cast, spec.future.done, urgent=False)
+        else:
+            spec.cast_done.set()
         self.inflight[L.index] = spec
 
     # ----------------------------------------------------------------------------------- step
@@ -173,7 +211,7 @@ class LayerSpeculation:
         if spec is None:
             return False
         if inverse_scale == 1.0 and spec.runs == runs:
-            self.kept[L.index] = spec
+            self.kept[L.index] = self.last[L.index] = spec
             return True
         self._take_back(L, spec)
         return False
@@ -217,24 +255,45 @@ class LayerSpeculation:
         spec.future.result()  # raises a failed step
         return True
 
+    def finish(self, L):
+        """L's working copy holds its last kept step: the step done, its deferred cast too (here, if still queued)."""
+        self.wait_kept(L)
+        spec = self.last.pop(L.index, None)
+        if spec is not None:
+            spec.cast_once(L)
+
     def running(self, L):
-        """L's kept step if it is still running (its next fetch can copy what is written while it runs), else None."""
-        spec = self.kept.get(L.index)
-        return spec if spec is not None and not spec.future.done() else None
+        """L's kept step if its working copy is not final yet (the step still running, or its cast deferred): its
+        next fetch copies what is written (copy_while_running); else None."""
+        spec = self.last.get(L.index)
+        return None if spec is None or spec.future.done() and spec.cast_done.is_set() else spec
 
     def copy_while_running(self, L, spec, dest):
-        """Queue copies of L's working copy into `dest` (on the current stream) span by span as its running kept
-        step `spec` writes them; returns with every copy queued and the step done (raises a failed step)."""
-        a, t0 = 0, time.perf_counter()
+        """Queue copies into `dest` (a device buffer, on the current CUDA stream) span by span as L's kept step
+        `spec` writes them: of the working copy, or, where its cast is deferred, of the fp32 master through a
+        staging buffer, cast on the device (the same rounding as the host's cast). Returns with every copy queued
+        and the step done (raises a failed step)."""
+        from ..optimizer.tail_steps import HOST_SPAN_NUMEL
+        a, t0, staging, k = 0, time.perf_counter(), None, 0
         while a < L.numel:
             b = spec.wait_written(a)
             if b <= a:
                 break  # the run ended without writing more: failed (wait_kept raises) or nothing to step
-            dest[a:b].copy_(L.working[a:b], non_blocking=True)
+            if not spec.deferred or spec.cast_done.is_set():
+                dest[a:b].copy_(L.working[a:b], non_blocking=True)
+            else:
+                for s in range(a, b, HOST_SPAN_NUMEL):
+                    e = min(s + HOST_SPAN_NUMEL, b)
+                    if staging is None:  # two slots: the stream orders each slot's reuse after its cast
+                        staging = torch.empty(2 * HOST_SPAN_NUMEL, dtype=torch.float32, device=dest.device)
+                    slot = staging[(k % 2) * HOST_SPAN_NUMEL:][:e - s]
+                    slot.copy_(L.master[s:e], non_blocking=True)
+                    dest[s:e].copy_(slot)
+                    k += 1
             a = b
         self.wait_s += time.perf_counter() - t0
         self.wait_kept(L)
-        if a < L.numel:
+        if a < L.numel:  # the run stepped no further (a gradient not finite): the working copy is current
             dest[a:].copy_(L.working[a:], non_blocking=True)
 
     def cancel(self):
@@ -247,14 +306,16 @@ class LayerSpeculation:
         return took
 
     def settle(self):
-        """Nothing in flight: steps not yet validated taken back, kept ones done."""
+        """Nothing in flight: steps not yet validated taken back, kept ones done and cast."""
         self.cancel()
         for L in self.weights.layers:
-            self.wait_kept(L)
+            self.finish(L)
 
     def _take_back(self, L, spec):
         self._took_back = True
-        if spec.future.result():
+        stepped = spec.future.result()
+        spec.cast_once(L)  # a queued cast must not write the working copy after the undo
+        if stepped:
             bufs = (L.master, L.grad, L.exp_avg, L.exp_avg_sq)
             for a, b, *hyper in spec.runs:
                 undo_adamw(bufs, a, b, tuple(hyper), self.use_torch)

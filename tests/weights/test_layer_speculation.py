@@ -238,14 +238,19 @@ def test_the_trial_turns_it_off_where_it_costs(monkeypatch):
     engine.ds_offload.close()
 
 
-def _running_kept_step(spans, fail_after=None):
-    """A LayerSpeculation holding one kept step still running in its worker: it writes `spans` of the layer's
-    working copy (value k + 1 in span k) slowly, in order, reporting each (raising after `fail_after` spans)."""
+def _running_kept_step(spans, fail_after=None, deferred=False):
+    """A LayerSpeculation holding one kept step still running in its worker: it writes `spans` (value k + 1 in
+    span k, slowly, in order, reporting each; raising after `fail_after` spans) into the layer's working copy,
+    or with `deferred` into its fp32 master, leaving the bf16 working copy to the deferred cast."""
     from types import SimpleNamespace
     from ds_offload.weights.speculate import Spec
-    L = SimpleNamespace(index=0, numel=spans[-1], working=torch.zeros(spans[-1]))
+    n = spans[-1]
+    master = torch.zeros(n)
+    L = SimpleNamespace(index=0, numel=n, master=master, working=torch.zeros(n, dtype=torch.bfloat16) if deferred
+                        else master)
     ls = LayerSpeculation(SimpleNamespace(layers=[L], group=None, on_cuda=False), use_torch=True)
     spec = Spec([])
+    spec.deferred = deferred
 
     def run():
         a = 0
@@ -253,25 +258,34 @@ def _running_kept_step(spans, fail_after=None):
             if k == fail_after:
                 raise RuntimeError("the CPU step failed")
             time.sleep(0.05)
-            L.working[a:b] = k + 1
+            master[a:b] = k + 1.25
             spec.advance(b)
             a = b
         return True
     spec.future = ls.worker.submit(run)
     spec.future.add_done_callback(spec.ended)
-    ls.kept[0] = spec
+    if not deferred:
+        spec.cast_done.set()
+    ls.kept[0] = ls.last[0] = spec
     return ls, L, spec
 
 
-def test_a_fetch_copies_spans_as_the_running_step_writes_them():
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_fetch_copies_spans_as_the_running_step_writes_them(deferred):
     """The next forward's fetch of a layer whose kept step still runs copies each span once it is written (on
-    the GPU, while the rest is stepped): every element it copied holds the update, none the value before."""
-    ls, L, spec = _running_kept_step([3, 7, 10])
+    the GPU, while the rest is stepped): every element it copied holds the update, none the value before. With
+    the cast deferred it copies the fp32 master and casts (here into a bf16 CPU tensor, on a GPU on the device)."""
+    ls, L, spec = _running_kept_step([3, 7, 10], deferred=deferred)
     assert ls.running(L) is spec
-    dest = torch.full((10,), -1.0)
+    dest = torch.full((10,), -1.0, dtype=L.working.dtype)
     ls.copy_while_running(L, spec, dest)
-    assert spec.future.done() and ls.running(L) is None and not ls.kept
-    assert torch.equal(dest, torch.tensor([1.] * 3 + [2.] * 4 + [3.] * 3))
+    assert spec.future.done() and not ls.kept
+    want = torch.tensor([1.25] * 3 + [2.25] * 4 + [3.25] * 3).to(dest.dtype)
+    assert torch.equal(dest, want)
+    if deferred:  # the working copy is not cast yet: the fetch did not need it; the first reader casts it
+        assert ls.running(L) is spec and not torch.equal(L.working, want)
+        ls.finish(L)
+        assert torch.equal(L.working, want) and ls.running(L) is None and spec.cast_done.is_set()
     ls.close()
 
 
@@ -280,3 +294,26 @@ def test_a_fetch_of_a_failed_running_step_raises_its_error():
     with pytest.raises(RuntimeError, match="the CPU step failed"):
         ls.copy_while_running(L, spec, torch.zeros(10))
     ls.close()
+
+
+def test_the_worker_takes_ready_steps_before_casts_and_casts_before_waiting():
+    """Urgent calls (steps) whose input is ready go first, the newest first; a non-urgent one (a deferred cast)
+    runs while no step is ready, rather than the worker blocking on the oldest step's input."""
+    gate, order = threading.Event(), []
+    worker = ReadyFirstWorker("test")
+    hold = threading.Event()
+    worker.submit(lambda: hold.wait())  # occupies the worker while the rest is queued
+    worker.submit(lambda: (gate.wait(), order.append("step waiting")), ready=gate.is_set)  # waits as a step does
+    worker.submit(lambda: order.append("cast"), urgent=False)
+    worker.submit(lambda: order.append("step ready 1"))
+    last = worker.submit(lambda: order.append("step ready 2"))
+    hold.set()
+    last.result(timeout=10)
+    deadline = time.time() + 10
+    while len(order) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert order == ["step ready 2", "step ready 1", "cast"]  # the waiting step has not run: its input is not ready
+    gate.set()
+    worker.close()
+    assert order[-1] == "step waiting"
