@@ -43,9 +43,9 @@ logger = logging.getLogger("ds_offload")
 
 
 class ReadyFirstWorker:
-    """One thread running submitted calls: the most recent urgent one whose input is ready, else a ready
-    non-urgent one (the oldest: the deferred casts, which fill the time spent waiting for gradients), else the
-    oldest urgent one.
+    """One thread running submitted calls: the most recent urgent one whose input is ready, else the most recent
+    ready non-urgent one (the deferred casts, which fill the time spent waiting for gradients; the newest is the
+    shallowest layer's, which the next forward needs first), else the oldest urgent one.
 
     Why not plain last-in-first-out: the host runs ahead of the GPU, so by the time the worker is free every
     offloaded layer's step may be queued while only the deepest layers' gradients have landed; the newest (the
@@ -76,7 +76,7 @@ class ReadyFirstWorker:
             items = self._items
             ready = [i for i, it in enumerate(items) if it[2] is None or it[2]()]
             urgent = [i for i in ready if items[i][3]]
-            pick = (urgent[-1] if urgent else ready[0] if ready else
+            pick = (urgent[-1] if urgent else ready[-1] if ready else
                     next((i for i, it in enumerate(items) if it[3]), 0))
             return items.pop(pick)
 

@@ -166,6 +166,31 @@ def test_the_next_forward_copies_a_running_step_span_by_span(dist, monkeypatch):
     _close(ref, engine)
 
 
+def test_forward_fetches_cast_the_fp32_master_on_the_device(dist, monkeypatch):
+    """The worker never gets to the deferred casts (dropped here): every fetch of a kept layer (for forward and
+    for backward) sends the fp32 master and casts it on the device; the host's cast happens when the layer's next
+    step starts, or at a read. The device's rounding must be the host's: losses and masters equal to the run
+    with the overlap off, bit for bit."""
+    import concurrent.futures
+    from ds_offload.weights.speculate import ReadyFirstWorker
+    after, e0 = train(config(1, overlap=False))
+    real_submit, real_copy, on_device = ReadyFirstWorker.submit, W.LayerSpeculation.copy_while_running, []
+
+    def no_idle_casts(self, fn, ready=None, urgent=True):
+        return real_submit(self, fn, ready, urgent) if urgent else concurrent.futures.Future()
+
+    def counted(self, L, spec, dest):
+        on_device.append(spec.deferred and not spec.cast_done.is_set())
+        return real_copy(self, L, spec, dest)
+    monkeypatch.setattr(ReadyFirstWorker, "submit", no_idle_casts)
+    monkeypatch.setattr(W.LayerSpeculation, "copy_while_running", counted)
+    during, e1 = train(config(1))
+    assert on_device and all(on_device) and len(on_device) >= N * 4  # every kept layer's fetches
+    assert during == after
+    assert all(torch.equal(a, b) for a, b in zip(masters(e0), masters(e1)))
+    _close(e0, e1)
+
+
 def test_reads_after_step_see_the_update(dist, monkeypatch):
     """step() returns with layer 0's step still running: a state_dict right after must hold the stepped weights."""
     import ds_offload.optimizer.tail_steps as T
