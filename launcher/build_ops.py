@@ -15,7 +15,7 @@ CACHE_NAMES = {"cpu_adam_gil_free": "ds_offload_cpu_adam"}  # name => the JIT ca
 def _builder(name):
     if OPS[name] is None:
         from ds_offload.optimizer import ds_op
-        return ds_op._builder()
+        return ds_op.builder()
     import deepspeed.ops.op_builder as ob
     return getattr(ob, OPS[name])()
 

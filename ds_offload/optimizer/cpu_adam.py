@@ -254,7 +254,7 @@ class CpuAdamBackend:
         if self.use_torch:
             return
         if not self.use_process:
-            self._op, _ = ds_op.load()
+            self._op = ds_op.load()
             self._opt_id = next(_inline_ids)
             self._op.create_adam(self._opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, self.adamw_mode, False)
             return

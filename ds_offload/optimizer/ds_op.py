@@ -17,7 +17,7 @@ import warnings
 _BINDING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_adam_gil_free.cpp")
 
 
-def _builder():
+def builder():
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     class GilFreeCPUAdamBuilder(CPUAdamBuilder):
@@ -46,7 +46,7 @@ def gil_free_op():
     if os.environ.get("DS_OFFLOAD_GIL_FREE_ADAM", "1") == "0":
         return None
     try:
-        op = _builder().load(verbose=False)
+        op = builder().load(verbose=False)
         if not hasattr(op, "adam_update"):
             raise RuntimeError("the built module has no adam_update")
         return op
@@ -58,6 +58,6 @@ def gil_free_op():
 
 
 def load():
-    """(op, releases_gil): the GIL-free build where it exists, else DeepSpeed's op."""
+    """The GIL-free build where it exists, else DeepSpeed's op."""
     op = gil_free_op()
-    return (op, True) if op is not None else (deepspeed_op(), False)
+    return op if op is not None else deepspeed_op()

@@ -113,7 +113,8 @@ class HybridZeroOptimizer(DeepSpeedZeroOptimizer):
     def _unscaled_and_decoupled(self):
         """No loss scaling (so step() multiplies gradients by exactly 1 unless it clips) and weight decay that
         Adam's undo can take back (decoupled, or none)."""
-        return cut.decoupled(self.adamw_mode, self.optimizer.param_groups) and not self.dynamic_loss_scale and float(self.loss_scale) == 1.0
+        return (cut.decoupled(self.adamw_mode, self.optimizer.param_groups) and not self.dynamic_loss_scale
+                and float(self.loss_scale) == 1.0)
 
     def _make_speculation(self):
         """A Speculation where a parameter's gradient at its hook is what step() will read, else None."""

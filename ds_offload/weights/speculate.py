@@ -36,6 +36,7 @@ import torch.distributed as tdist
 
 from ..optimizer.cpu_adam import undo_adamw
 from ..optimizer.speculate import Trial
+from ..optimizer import tail_steps
 from ..optimizer.tail_steps import Chunk
 from .layer import clip_runs
 
@@ -238,14 +239,11 @@ class LayerSpeculation:
         tdist.all_reduce(choice, op=tdist.ReduceOp.MIN, group=group)
         self.trial.choice = bool(choice.item())
 
-    def wait_kept(self, L, block=True):
-        """Before L's weights are read again: its kept step is done. `block=False`: whether it is, without waiting."""
-        spec = self.kept.get(L.index)
+    def wait_kept(self, L):
+        """Before L's weights are read again: its kept step is done (raises a failed one)."""
+        spec = self.kept.pop(L.index, None)
         if spec is None:
-            return True
-        if not block and not spec.future.done():
-            return False
-        del self.kept[L.index]
+            return
         if not spec.future.done():
             t0 = time.perf_counter()
             spec.future.exception()
@@ -253,7 +251,6 @@ class LayerSpeculation:
             if self.events is not None:
                 self.events += [("wait", L.index, t0), ("waited", L.index, time.perf_counter())]
         spec.future.result()  # raises a failed step
-        return True
 
     def finish(self, L):
         """L's working copy holds its last kept step: the step done, its deferred cast too (here, if still queued)."""
@@ -273,7 +270,7 @@ class LayerSpeculation:
         `spec` writes them: of the working copy, or, where its cast is deferred, of the fp32 master through a
         staging buffer, cast on the device (the same rounding as the host's cast). Returns with every copy queued
         and the step done (raises a failed step)."""
-        from ..optimizer.tail_steps import HOST_SPAN_NUMEL
+        span = tail_steps.HOST_SPAN_NUMEL
         a, t0, staging, k = 0, time.perf_counter(), None, 0
         while a < L.numel:
             b = spec.wait_written(a)
@@ -282,11 +279,11 @@ class LayerSpeculation:
             if not spec.deferred or spec.cast_done.is_set():
                 dest[a:b].copy_(L.working[a:b], non_blocking=True)
             else:
-                for s in range(a, b, HOST_SPAN_NUMEL):
-                    e = min(s + HOST_SPAN_NUMEL, b)
+                for s in range(a, b, span):
+                    e = min(s + span, b)
                     if staging is None:  # two slots: the stream orders each slot's reuse after its cast
-                        staging = torch.empty(2 * HOST_SPAN_NUMEL, dtype=torch.float32, device=dest.device)
-                    slot = staging[(k % 2) * HOST_SPAN_NUMEL:][:e - s]
+                        staging = torch.empty(2 * span, dtype=torch.float32, device=dest.device)
+                    slot = staging[(k % 2) * span:][:e - s]
                     slot.copy_(L.master[s:e], non_blocking=True)
                     dest[s:e].copy_(slot)
                     k += 1
